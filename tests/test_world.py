@@ -1,0 +1,87 @@
+"""The story world: exact probabilities, an unambiguous grammar, a scorer that enforces the rules."""
+
+import math
+import random
+
+import pytest
+
+from microlm.world import (
+    InvalidStory, World, enumerate_stories, entropy_stats, generate_splits, is_valid, log_prob,
+    parse, render, sample_story, split_of,
+)
+
+TINY = World(female_names=("Ann",), male_names=("Tom", "Sam"), places=("park", "shop"), colours=("red", "blue"),
+             kinds=("ball", "cup"), cast_size=2, stop_prob=0.4, max_events=2)
+
+
+def test_tiny_world_probabilities_sum_to_one_over_every_story():
+    stories = [s for _, s in enumerate_stories(TINY)]
+    assert len(stories) > 1000
+    assert math.fsum(math.exp(s.log_prob) for s in stories) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_tiny_world_grammar_is_unambiguous():
+    # Every choice sequence writes a different text, and parsing that text gives the choices back.
+    seen = {}
+    for choices, story in enumerate_stories(TINY):
+        assert story.text not in seen
+        seen[story.text] = choices
+        parsed, _ = parse(TINY, story.text)
+        assert parsed == choices
+        assert log_prob(TINY, story.text) == pytest.approx(story.log_prob, abs=1e-12)
+
+
+def test_sampled_stories_parse_back_to_their_choices_and_probability():
+    rng, world = random.Random(1), World()
+    for _ in range(300):
+        story = sample_story(world, rng)
+        choices, _ = parse(world, story.text)
+        assert render(world, choices).text == story.text
+        assert log_prob(world, story.text) == pytest.approx(story.log_prob, abs=1e-9)
+
+
+@pytest.mark.parametrize("edit", [
+    ("gives the", "takes the"),       # the verb no longer fits the object's holder
+    (" is at the", " is in the"),     # not the grammar
+    ("He ", "Tom "),                  # a name where the rule asks for a pronoun (or vice versa)
+])
+def test_scorer_rejects_texts_that_break_grammar_or_state(edit):
+    rng, world = random.Random(2), World()
+    stories = [sample_story(world, rng).text for _ in range(400)]
+    broken = [s.replace(*edit, 1) for s in stories if edit[0] in s]
+    assert broken
+    assert sum(is_valid(world, s) for s in broken) <= 0.1 * len(broken)  # a few edits stay valid by chance
+
+
+def test_giving_away_an_object_you_do_not_hold_is_invalid():
+    world = World()
+    intro = ("Ann is at the park with a red ball. Tom is at the shop with a blue cup. "
+             "Mia is at the beach with a pink hat.")
+    assert is_valid(world, intro + " Tom gives the blue cup to Ann.")
+    assert not is_valid(world, intro + " Tom gives the red ball to Ann.")
+    assert not is_valid(world, intro + " Tom goes to the shop.")  # he is already there
+    assert not is_valid(world, intro + " He goes to the park.")  # 'He' would be Mia
+    with pytest.raises(InvalidStory, match="char"):
+        parse(world, intro + " Tom gives the red ball to Ann.")
+
+
+def test_same_seed_gives_identical_splits_and_splits_are_disjoint():
+    a = generate_splits(World(), {"train": 300, "val": 20}, seed=7)
+    b = generate_splits(World(), {"train": 300, "val": 20}, seed=7)
+    assert [s.text for s in a["train"]] == [s.text for s in b["train"]]
+    assert not {s.text for s in a["train"]} & {s.text for s in a["val"]}
+    assert all(split_of(s.text) == "val" for s in a["val"])
+
+
+def test_entropy_stats_counts_the_newline_of_every_story():
+    stories = [sample_story(TINY, random.Random(0)) for _ in range(3)]
+    stats = entropy_stats(stories)
+    assert stats["n_chars"] == sum(len(s.text) + 1 for s in stories)
+    assert stats["bits_per_char"] == pytest.approx(sum(s.bits for s in stories) / stats["n_chars"])
+
+
+def test_world_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="cast_size"):
+        World(cast_size=1)
+    with pytest.raises(ValueError, match="stop_prob"):
+        World(stop_prob=1.0)
