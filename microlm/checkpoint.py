@@ -1,0 +1,142 @@
+"""Files: weights in safetensors, everything else in JSON, every write atomic.
+
+Nothing here unpickles: safetensors holds raw tensors only, and JSON holds plain data, so a file
+handed to microlm can never run code. Each write goes to a temporary file in the same folder and is
+then renamed over the target (`os.replace` is atomic on POSIX and Windows), so a process killed
+mid-write leaves the previous good file in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(ValueError):
+    """A run file is missing, truncated, of the wrong kind or does not fit the model."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to `path`; on success rename it to `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_json(path: str | Path, obj) -> None:
+    save_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def load_json(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid JSON {what} ({e}); the file may be truncated or of another kind") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object for the {what}")
+    return obj
+
+
+def unique_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (tied embeddings keep their first name)."""
+    out, seen = {}, set()
+    for name, t in module.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict | None = None) -> None:
+    with atomic_path(path) as tmp:
+        save_file(unique_tensors(module), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def read_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors {what} file ({e}); it may be truncated, "
+                              "or a pickle/.pt file, which microlm never loads") from None
+
+
+def load_weights(path: str | Path, module: torch.nn.Module) -> None:
+    """Load weights strictly: every key must match by name and shape (tied copies excepted)."""
+    tensors = read_tensors(path)
+    expected = unique_tensors(module)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, t in tensors.items():
+        if t.shape != expected[k].shape:
+            raise CheckpointError(f"{path}: '{k}' has shape {tuple(t.shape)}, the config asks for "
+                                  f"{tuple(expected[k].shape)}; weights and config.json are from different models")
+    module.load_state_dict(tensors, strict=False)
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of every weight's name, shape and bytes: tells two models apart."""
+    h = hashlib.sha256()
+    for name, t in sorted(unique_tensors(module).items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer tensors to safetensors; returns the JSON-able rest (param groups)."""
+    sd = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous().reshape(v.shape)
+               for i, state in sd["state"].items() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, groups: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, t in read_tensors(path, "optimizer state").items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Swap a fully written folder into place; a crash at any point leaves one complete copy."""
+    old = final_dir.with_name(final_dir.name + ".old")
+    if final_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,325 @@
+"""`microlm ...`: the command line. The only module that parses arguments and prints.
+
+    microlm pretrain            build the story corpus, train the tokenizer and the model (runs/pretrain)
+    microlm pretrain --corpus my.txt --run-dir runs/mine    the same on any UTF-8 text file
+    microlm sample --run-dir runs/pretrain --prompt "Ann"   generate from a trained run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import CheckpointError, load_json, load_weights, save_json, save_text, save_weights
+from .data import (CorpusError, build_story_corpus, document_rows, encode_documents, read_corpus, read_stories,
+                   split_text_corpus, stream_rows, window_batch)
+from .model import GPT, GPTConfig, pick_device
+from .tokenizer import EOT, Tokenizer, train_bpe
+from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, read_metrics, train
+from .world import World, log_prob
+
+# Help for every dataclass field that becomes a flag.
+HELP = {
+    "max_steps": "optimizer steps", "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step", "lr": "peak learning rate",
+    "min_lr_ratio": "final lr as a fraction of the peak (cosine decay)", "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (matrices only)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this (0: off)", "eval_every": "validate every N steps",
+    "checkpoint_every": "save a resumable checkpoint every N steps", "seed": "seed for init, batches and data",
+    "vocab_size": "tokenizer vocabulary size, special tokens included", "context_length": "tokens per window",
+    "d_model": "model width", "n_layers": "transformer blocks", "n_heads": "attention heads",
+    "d_ff": "SwiGLU hidden size (0: about 8/3 of d_model)", "rope_base": "RoPE frequency base",
+    "tie_embeddings": "share the input embedding and the output head", "norm_eps": "RMSNorm epsilon",
+}
+
+# Defaults sized for `make pretrain` on a 2-core laptop CPU (see the README for the measured run).
+PRETRAIN_DEFAULTS = TrainConfig()
+STORY_SPLITS = {"train": 60_000, "val": 2_000}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, type=_parse_bool, default=f.default, metavar="BOOL",
+                                help=f"{HELP.get(f.name, '')} (default: {f.default})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), type(f.default))
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{HELP.get(f.name, '')} (default: {f.default})")
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="microlm", description="A from-scratch micro language model with a LoRA stage.")
+    p.add_argument("--version", action="version", version=f"microlm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pre = sub.add_parser("pretrain", help="train the tokenizer and a small GPT from scratch",
+                         description="Build the story corpus (or read --corpus), train a byte-level BPE tokenizer, "
+                                     "pretrain a GPT, then evaluate, plot and sample. Output: --run-dir.")
+    pre.add_argument("--run-dir", default="runs/pretrain", help="output folder (default: runs/pretrain)")
+    pre.add_argument("--corpus", help="train on this UTF-8 text file instead of the story world (no bound then)")
+    pre.add_argument("--data-dir", default="data", help="where the story corpus is written (default: data)")
+    pre.add_argument("--n-train", type=int, default=STORY_SPLITS["train"], help="training stories (default: %(default)s)")
+    pre.add_argument("--n-val", type=int, default=STORY_SPLITS["val"], help="validation stories (default: %(default)s)")
+    pre.add_argument("--n-samples", type=int, default=200, help="stories sampled at the end and scored (default: 200)")
+    pre.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    pre.add_argument("--overwrite", action="store_true", help="delete what --run-dir holds and start again")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    add_dataclass_flags(pre, GPTConfig)
+    add_dataclass_flags(pre, TrainConfig)
+
+    sam = sub.add_parser("sample", help="generate text from a trained run",
+                         description="Sample from the model in --run-dir; stories from the story world are scored.")
+    sam.add_argument("--run-dir", default="runs/pretrain", help="a run folder (default: runs/pretrain)")
+    sam.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    sam.add_argument("--n", type=int, default=5, help="how many samples (default: 5)")
+    sam.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
+    sam.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    sam.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    sam.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    sam.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    return p
+
+
+# ---- pretrain ----------------------------------------------------------------------------------
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    holds_run = (run_dir / "config.json").exists() or (run_dir / "checkpoint").exists()
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one")
+    if resume and not holds_run:
+        raise UsageError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
+    if holds_run and not (resume or overwrite):
+        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                         "replace it, or choose another --run-dir")
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def provenance(seed: int) -> dict:
+    import numpy
+    import tiktoken
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"seed": seed, "git_commit": commit, "python": platform.python_version(), "microlm": __version__,
+            "torch": torch.__version__, "numpy": numpy.__version__, "tiktoken": tiktoken.__version__,
+            "machine": platform.processor() or platform.machine(), "argv": sys.argv[1:]}
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cmd_pretrain(args) -> int:
+    import torch
+    run_dir = Path(args.run_dir)
+    train_cfg = from_args(TrainConfig, args)
+    model_cfg = from_args(GPTConfig, args)
+    if args.n_samples < 0 or args.n_train < 1 or args.n_val < 1:
+        raise UsageError("--n-train and --n-val must be >= 1 and --n-samples >= 0")
+    device = pick_device(args.device)
+    prepare_run_dir(run_dir, args.resume, args.overwrite)
+    torch.manual_seed(train_cfg.seed)
+
+    # 1. Data: the story world (with its exact bound) or the user's text file.
+    world, bound = None, None
+    if args.corpus:
+        text = read_corpus(args.corpus, min_chars=2000)
+        train_text, val_text = split_text_corpus(text)
+        train_docs, val_docs = [train_text], [val_text]
+        data_info = {"kind": "text", "path": str(args.corpus)}
+        print(f"corpus  {args.corpus}: {len(train_text):,} train and {len(val_text):,} validation characters")
+    else:
+        world = World()
+        stats = build_story_corpus(args.data_dir, world, {"train": args.n_train, "val": args.n_val}, train_cfg.seed)
+        train_docs = read_stories(Path(args.data_dir) / "train.txt")
+        val_docs = read_stories(Path(args.data_dir) / "val.txt")
+        bound = stats["splits"]["val"]["bits_per_char"]
+        data_info = {"kind": "stories", "dir": str(args.data_dir), "world": world.to_dict(), "stats": stats["splits"]}
+        print(f"corpus  {len(train_docs):,} train / {len(val_docs):,} validation stories in {args.data_dir}/; "
+              f"exact entropy of the validation split: {bound:.4f} bits/char "
+              f"({stats['splits']['val']['bits_per_story']:.1f} bits/story)")
+    data_info["train_sha256"] = sha256_text("\n".join(train_docs))
+    data_info["val_sha256"] = sha256_text("\n".join(val_docs))
+
+    # 2. Tokenizer: trained on the training split only (reused when resuming).
+    tok_path = run_dir / "tokenizer.json"
+    if args.resume:
+        tokenizer = Tokenizer.load(tok_path)
+        saved = load_json(run_dir / "config.json", "run config")
+        if saved["data"]["train_sha256"] != data_info["train_sha256"]:
+            raise UsageError(f"--resume: the training data differs from the data {run_dir} was trained on")
+    else:
+        bpe = train_bpe(EOT.join(train_docs), model_cfg.vocab_size)
+        if bpe.stopped_early:
+            print(f"tokenizer: stopped after {bpe.merges_done} of {bpe.merges_requested} merges: no pair left to merge")
+        tokenizer = Tokenizer.from_bpe(bpe)
+        tokenizer.save(tok_path)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.n_vocab)
+    train_stream = encode_documents(tokenizer, train_docs)
+    if len(train_stream) < model_cfg.context_length + 2:
+        raise CorpusError(f"{args.corpus or args.data_dir}: {len(train_stream)} training tokens, fewer than one "
+                          f"window of --context-length {model_cfg.context_length}; use more text or a shorter context")
+    if world:
+        evalset = document_rows(tokenizer, val_docs, model_cfg.context_length)
+    else:
+        evalset = stream_rows(tokenizer, encode_documents(tokenizer, val_docs), model_cfg.context_length)
+    chars_per_token = sum(len(d) + 1 for d in train_docs) / (len(train_stream) - 1)
+    print(f"tokens  {len(train_stream):,} training tokens, {chars_per_token:.2f} characters per token, "
+          f"vocabulary {tokenizer.n_vocab}")
+
+    # 3. Model.
+    model = GPT(model_cfg).to(device)
+    counts = model.param_counts()
+    print("model   " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    save_json(run_dir / "config.json", {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+                                        "data": data_info, "tokenizer": {"n_vocab": tokenizer.n_vocab,
+                                        "sha256": sha256_file(tok_path)}, "provenance": provenance(train_cfg.seed)})
+
+    # 4. Train.
+    from .evaluate import evaluate_lm
+    summary = train(
+        model, train_cfg,
+        get_batch=lambda i: window_batch(train_stream, train_cfg.batch_size, model_cfg.context_length, train_cfg.seed, i),
+        evaluate=lambda m: evaluate_lm(m, evalset),
+        run_dir=run_dir, resume=args.resume, flops_per_token=model.flops_per_token(),
+        chars_per_token=chars_per_token, progress=not args.no_progress,
+    )
+    save_weights(run_dir / "model.safetensors", model)
+    print(f"trained {summary['steps']} steps, {summary['tokens_seen']:,} tokens in {summary['train_seconds']:.0f} s: "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['mfu']:.1%} of the measured fp32 matmul peak "
+          f"({summary['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
+
+    # 5. Evaluate, sample, plot.
+    finish_pretrain(run_dir, model, tokenizer, summary, world, bound, args.n_samples, train_cfg.seed)
+    return 0
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples, seed) -> None:
+    from .evaluate import sample_texts, story_validity
+    from .plots import plot_pretrain_loss
+    result = {k: summary[k] for k in ("val_loss", "val_ppl", "val_bpc", "tokens_per_s", "mfu", "steps",
+                                      "tokens_seen", "train_seconds", "matmul_peak_flops", "flops_per_token")
+              if k in summary}
+    print(f"val     loss {summary['val_loss']:.4f} nats/token, perplexity {summary['val_ppl']:.3f}, "
+          f"{summary['val_bpc']:.4f} bits/char")
+    if bound:
+        result.update(bound_bpc=bound, bpc_over_bound=summary["val_bpc"] / bound)
+        print(f"        the exact entropy bound is {bound:.4f} bits/char: the model is at "
+              f"{summary['val_bpc'] / bound:.3f} x the bound")
+    samples = sample_texts(model, tokenizer, n_samples, temperature=1.0, seed=seed) if n_samples else []
+    lines = []
+    if world and samples:
+        valid = [log_prob(world, s) for s in samples]
+        result["sample_validity"] = story_validity(world, samples)
+        result["n_samples"] = len(samples)
+        lines = [f"[{'valid' if lp > -math.inf else 'INVALID'}] {s}" for s, lp in zip(samples, valid)]
+        print(f"samples {result['sample_validity']:.1%} of {len(samples)} stories sampled at temperature 1.0 "
+              "are valid in the story world")
+    else:
+        lines = samples
+    save_text(run_dir / "samples.txt", "".join(line + "\n" for line in lines))
+    for line in lines[:3]:
+        print("        " + line)
+    plot_pretrain_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", bound)
+    save_json(run_dir / "summary.json", result)
+    print(f"wrote   {run_dir}/: model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss.png, "
+          "samples.txt, summary.json")
+
+
+# ---- sample ------------------------------------------------------------------------------------
+
+
+def load_run(run_dir: str | Path, device="cpu"):
+    """(model, tokenizer, config dict) of a finished run, or of its last checkpoint if it was interrupted."""
+    run_dir = Path(run_dir)
+    config = load_json(run_dir / "config.json", "run config (is this a microlm run folder?)")
+    try:
+        model_cfg = GPTConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / 'config.json'}: bad model config: {e}") from None
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    model = GPT(model_cfg)
+    weights = run_dir / "model.safetensors"
+    if not weights.exists() and (run_dir / "checkpoint" / "model.safetensors").exists():
+        weights = run_dir / "checkpoint" / "model.safetensors"
+        print(f"note: {run_dir} has no final weights; using its last checkpoint", file=sys.stderr)
+    load_weights(weights, model)
+    return model.to(device).eval(), tokenizer, config
+
+
+def cmd_sample(args) -> int:
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    from .evaluate import sample_texts
+    model, tokenizer, config = load_run(args.run_dir, pick_device(args.device))
+    world = World.from_dict(config["data"]["world"]) if config["data"].get("kind") == "stories" else None
+    for text in sample_texts(model, tokenizer, args.n, args.temperature, args.top_k, args.top_p, args.seed,
+                             prompt=args.prompt):
+        if world:
+            lp = log_prob(world, text)
+            tag = f"[valid, {-lp / math.log(2):.1f} bits]" if lp > -math.inf else "[INVALID]"
+            print(tag, text)
+        else:
+            print(text)
+            print("-" * 40)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"pretrain": cmd_pretrain, "sample": cmd_sample}
+    try:
+        return commands[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"\ninterrupted: checkpoint saved at step {e.step}; continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+    except (UsageError, CorpusError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("MICROLM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""One training loop for pretraining, LoRA and full fine-tuning.
+
+The loop knows nothing about where batches come from: it calls `get_batch(i)` for micro-batch i
+(inputs, targets with IGNORE where no loss is taken) and `evaluate(model)` for a dict of validation
+metrics. Because batch i depends on i alone, a run resumed from a checkpoint at step s sees exactly
+the batches an uninterrupted run would have seen, and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import (CheckpointError, load_json, load_optimizer, load_weights, replace_dir, save_json,
+                         save_optimizer, save_weights)
+from .data import IGNORE
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only: norms' gains and biases are not shrunk toward 0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 200
+    checkpoint_every: int = 500
+    seed: int = 1337
+
+    def __post_init__(self):
+        checks = {
+            "max_steps": self.max_steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "warmup_steps": self.warmup_steps >= 0,
+            "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1,
+            "grad_clip": self.grad_clip >= 0, "eval_every": self.eval_every >= 1,
+            "checkpoint_every": self.checkpoint_every >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} is out of range "
+                                 f"({TRAIN_RANGES[name]})")
+
+
+TRAIN_RANGES = {
+    "max_steps": ">= 1", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0", "min_lr_ratio": "in [0, 1]",
+    "warmup_steps": ">= 0", "weight_decay": ">= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)",
+    "grad_clip": ">= 0 (0 disables)", "eval_every": ">= 1", "checkpoint_every": ">= 1",
+}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup then cosine decay. Convention: step 0 is the first update and gets lr/warmup,
+    so no step is wasted at lr 0; the last step (max_steps - 1) ends at lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose target is not IGNORE. logits: (B, T, V), targets: (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
+    """The machine's fp32 matmul speed, measured now: best of `repeats` (n x n) @ (n x n) products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the checkpoint at `step` was saved."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"interrupted; checkpoint saved at step {step}")
+
+
+def train(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    evaluate: Callable[[torch.nn.Module], dict],
+    run_dir: str | Path,
+    resume: bool = False,
+    flops_per_token: float = 0.0,
+    chars_per_token: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train `model` in place for cfg.max_steps optimizer steps; return a summary dict."""
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    opt = make_optimizer(model, cfg)
+    step, tokens_seen, train_time = 0, 0, 0.0
+    if resume:
+        step, tokens_seen, train_time = load_checkpoint(run_dir, model, opt, cfg)
+    _trim_metrics(run_dir / "metrics.jsonl", step)
+    peak = matmul_peak_flops()
+    last_eval: dict = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum, n_tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(step * cfg.grad_accum + micro)
+                x, y = x.to(device), y.to(device)
+                loss = masked_loss(model(x), y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item() / cfg.grad_accum
+                n_tokens += x.numel()
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(
+                    f"loss became {loss_sum} at step {step}; the last good checkpoint in {run_dir} is kept. "
+                    f"Try a lower --lr (now {cfg.lr}) or a longer --warmup-steps (now {cfg.warmup_steps}).")
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or math.inf).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_tokens
+            train_time += time.perf_counter() - t0
+            tok_s = tokens_seen / train_time if train_time else 0.0  # over this process's steps only
+            record = {"step": step, "tokens": tokens_seen, "lr": lr, "train_loss": loss_sum, "grad_norm": grad_norm,
+                      "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak}
+            if chars_per_token:
+                record["train_bpc"] = loss_sum / math.log(2) / chars_per_token
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last_eval = evaluate(model)
+                model.train()
+                record.update(last_eval)
+            _append_jsonl(run_dir / "metrics.jsonl", record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}",
+                            **({"val_bpc": f"{last_eval['val_bpc']:.3f}"} if "val_bpc" in last_eval else {}))
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
+        raise TrainingInterrupted(step) from None
+    bar.close()
+    tok_s = tokens_seen / train_time if train_time else 0.0
+    return {"steps": step, "tokens_seen": tokens_seen, "train_seconds": train_time, "tokens_per_s": tok_s,
+            "flops_per_token": flops_per_token, "matmul_peak_flops": peak,
+            "mfu": flops_per_token * tok_s / peak, **last_eval}
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig, step: int, tokens: int, seconds: float):
+    """run_dir/checkpoint/{model,optimizer}.safetensors + trainer_state.json, swapped in as one folder."""
+    tmp = run_dir / "checkpoint.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_weights(tmp / "model.safetensors", model)
+    groups = save_optimizer(tmp / "optimizer.safetensors", opt)
+    save_json(tmp / "trainer_state.json", {"step": step, "tokens_seen": tokens, "train_seconds": seconds,
+                                           "train_config": asdict(cfg), "optimizer": groups})
+    replace_dir(tmp, run_dir / "checkpoint")
+
+
+def load_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig) -> tuple[int, int, float]:
+    ckpt = run_dir / "checkpoint"
+    if not ckpt.is_dir() and (run_dir / "checkpoint.old").is_dir():
+        ckpt = run_dir / "checkpoint.old"  # a crash between the two renames of replace_dir
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{run_dir}: no checkpoint to resume from; start without --resume")
+    state = load_json(ckpt / "trainer_state.json", "trainer state")
+    saved = state.get("train_config", {})
+    changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+    if changed:
+        raise CheckpointError(f"{ckpt}: the training settings differ from the checkpoint's "
+                              f"(setting: (saved, now)) {changed}; resume with the same settings")
+    load_weights(ckpt / "model.safetensors", model)
+    load_optimizer(ckpt / "optimizer.safetensors", opt, state["optimizer"])
+    return state["step"], state["tokens_seen"], state["train_seconds"]
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    # One line per write, flushed: a crash loses at most the line being written, which _trim_metrics drops.
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep only the records up to `step` (those after the checkpoint are about to be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    from .checkpoint import save_text
+    save_text(path, "".join(line + "\n" for line in keep))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
