@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sam.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     sam.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     sam.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+
+    rep = sub.add_parser("report", help="print a run's results as a markdown table (for the README)",
+                         description="Read summary.json of a finished run and print its results as markdown.")
+    rep.add_argument("--run-dir", default="runs/pretrain", help="a finished run folder (default: runs/pretrain)")
     return p
 
 
@@ -298,16 +302,38 @@ def cmd_sample(args) -> int:
         if world:
             lp = log_prob(world, text)
             tag = f"[valid, {-lp / math.log(2):.1f} bits]" if lp > -math.inf else "[INVALID]"
-            print(tag, text)
+            print(tag, text.replace("\n", "\\n"))  # a story is one line; show any stray newline
         else:
             print(text)
             print("-" * 40)
     return 0
 
 
+def cmd_report(args) -> int:
+    run_dir = Path(args.run_dir)
+    s = load_json(run_dir / "summary.json", "run summary (is the run finished?)")
+    rows = [("validation loss", f"{s['val_loss']:.4f} nats/token (perplexity {s['val_ppl']:.3f})"),
+            ("validation bits/char", f"{s['val_bpc']:.4f}")]
+    if "bound_bpc" in s:
+        target = "met" if s["bpc_over_bound"] <= 1.15 else "not met"
+        rows += [("exact entropy bound", f"{s['bound_bpc']:.4f} bits/char"),
+                 ("model / bound", f"{s['bpc_over_bound']:.3f} (target <= 1.15: {target})")]
+    if "sample_validity" in s:
+        target = "met" if s["sample_validity"] >= 0.95 else "not met"
+        rows.append(("valid samples (T = 1.0)", f"{s['sample_validity']:.1%} of {s['n_samples']} (target >= 95%: {target})"))
+    rows += [("training", f"{s['steps']} steps, {s['tokens_seen']:,} tokens, {s['train_seconds']:.0f} s"),
+             ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s"),
+             ("model FLOP utilisation", f"{s['mfu']:.1%} of {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+                                        "(fp32 matmul peak measured in the same process)")]
+    print(f"| {run_dir} | |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"pretrain": cmd_pretrain, "sample": cmd_sample}
+    commands = {"pretrain": cmd_pretrain, "sample": cmd_sample, "report": cmd_report}
     try:
         return commands[args.command](args)
     except TrainingInterrupted as e:

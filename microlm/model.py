@@ -29,14 +29,28 @@ class GPTConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
+    # With eot_id >= 0, a token attends only to its own document, which starts at an eot_id token:
+    # packed stories then cannot see each other, so none has to learn to ignore the one before.
+    eot_id: int = -1
+    qk_norm: bool = True  # RMS-normalise queries and keys per head (see CausalSelfAttention)
 
     def __post_init__(self):
+        for f in fields(self):  # a JSON file or a flag can carry a string where a number belongs
+            v, want = getattr(self, f.name), {"int": int, "float": (int, float), "bool": bool}[str(f.type)]
+            if not isinstance(v, want) or (want is not bool and isinstance(v, bool)):
+                raise ValueError(f"GPTConfig.{f.name} must be of type {f.type}, got {v!r}")
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rope_base", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GPTConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"GPTConfig.d_model ({self.d_model}) must be n_heads ({self.n_heads}) times an even "
-                             "head size (RoPE rotates pairs of channels)")
+                             "head size (RoPE rotates pairs of channels), e.g. d_model = 2 * n_heads * k")
+        if not -1 <= self.eot_id < self.vocab_size:
+            raise ValueError(f"GPTConfig.eot_id must be -1 (no document masking) or a token id in "
+                             f"[0, {self.vocab_size}), got {self.eot_id}")
         if self.d_ff < 0:
             raise ValueError(f"GPTConfig.d_ff must be >= 0 (0 picks a default), got {self.d_ff}")
         if self.d_ff == 0:
@@ -61,7 +75,7 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight: LayerNorm without the mean subtraction and the bias."""
+    """x / rms(x) * weight: LayerNorm without the mean subtraction and the bias (Zhang & Sennrich 2019)."""
 
     def __init__(self, d: int, eps: float = 1e-5):
         super().__init__()
@@ -69,11 +83,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # the mean of squares is taken in fp32 at least: in bf16 it loses most of its digits
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, n_positions: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (n_positions, head_dim): channel pair (i, i + head_dim/2) turns at base^(-2i/head_dim)."""
+    """cos and sin, each (n_positions, head_dim): channel pair (i, i + head_dim/2) turns at base^(-2i/head_dim)
+    radians per position (Su et al. 2021, 'RoFormer'). Angles are computed in float64, then stored as fp32."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
@@ -81,29 +98,43 @@ def rope_tables(head_dim: int, n_positions: int, base: float) -> tuple[torch.Ten
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: (batch, heads, seq, head_dim) by position; cos/sin: (seq, head_dim). 'Rotate half'
-    pairs channel i with i + head_dim/2, so the dot product q.k depends only on their distance."""
+    """Rotate x: (batch, heads, seq, head_dim) by position; cos/sin: (seq, head_dim) for those positions.
+    'Rotate half' pairs channel i with i + head_dim/2, so the dot product q.k depends only on their distance."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (batch, heads, max_len, head_dim) each."""
+    """Keys and values of the tokens seen so far, per layer: (batch, heads, max_len, head_dim) each,
+    preallocated; `length` positions are filled. GPT.forward advances `length` after all layers wrote."""
 
     def __init__(self, n_layers, batch_size, n_heads, max_len, head_dim, device=None, dtype=torch.float32):
         shape = (batch_size, n_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_len = max_len
-        self.length = 0  # positions filled; advanced by GPT.forward after all layers have written
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # for document masks
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
 
     @classmethod
     def for_model(cls, model: "GPT", batch_size: int, max_len: int | None = None, device=None, dtype=None):
         c = model.config
+        max_len = max_len or c.context_length
+        if not 1 <= max_len <= c.context_length:
+            raise ValueError(f"KVCache max_len must be in [1, context_length={c.context_length}], got {max_len}")
         p = next(model.parameters())
-        return cls(c.n_layers, batch_size, c.n_heads, max_len or c.context_length, c.head_dim,
-                   device or p.device, dtype or p.dtype)
+        return cls(c.n_layers, batch_size, c.n_heads, max_len, c.head_dim, device or p.device, dtype or p.dtype)
+
+    def add_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Check that idx (batch, t) fits after the prefix and record it; return all ids (batch, length + t)."""
+        b, t = idx.shape
+        if b != self.batch_size:
+            raise ValueError(f"KVCache was made for batch_size {self.batch_size}, got a batch of {b}")
+        if self.length + t > self.max_len:
+            raise ValueError(f"KVCache overflow: {self.length} cached + {t} new tokens > max_len {self.max_len}; "
+                             "make the cache larger (up to context_length) or start a new one")
+        self.tokens[:, self.length:self.length + t] = idx
+        return self.tokens[:, :self.length + t]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (batch, heads, t, head_dim) after the cached prefix; return the whole prefix."""
@@ -122,24 +153,32 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.output_proj = nn.Linear(d, d, bias=False)
+        # QK-norm (Dehghani et al. 2023): with q and k of unit RMS, attention logits start at a usable
+        # scale and cannot blow up, so heads learn to look things up far sooner than with raw q, k.
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        """x: (batch, seq, d_model); cos/sin: (seq, head_dim) for the positions of x."""
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
+        """x: (batch, seq, d_model); cos/sin: (seq, head_dim) for the positions of x; mask: None (causal)
+        or a boolean (batch, 1, seq, cached + seq) that is True where a query may see a key."""
         b, t, d = x.shape
         # (batch, seq, d) -> (batch, heads, seq, head_dim)
         q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         offset = 0
         if cache is not None:
             offset = cache.length
             k, v = cache.update(layer, k, v)
-        if offset == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif t == 1:
             y = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole prefix
         else:
-            # a chunk after a prefix: query i (at position offset + i) sees keys 0 .. offset + i
+            # A chunk after a prefix: query i (at position offset + i) sees keys 0 .. offset + i.
+            # (is_causal=True would align the triangle to the top-left and hide most of the prefix.)
             mask = torch.ones(t, offset + t, dtype=torch.bool, device=x.device).tril(diagonal=offset)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.output_proj(y.transpose(1, 2).reshape(b, t, d))
@@ -166,8 +205,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -186,54 +225,65 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # Each block adds two residual branches to the stream; scaling their output projections by
-        # 1/sqrt(2 * n_layers) keeps the stream's variance from growing with depth (GPT-2).
+        # 1/sqrt(2 * n_layers) keeps the stream's variance from growing with depth (GPT-2, Radford et al. 2019).
         for name, p in self.named_parameters():
             if name.endswith(("output_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
 
     @staticmethod
     def _init_weights(module):
-        # N(0, 0.02) for every matrix (GPT-2); RMSNorm gains start at 1 (set in RMSNorm).
+        # N(0, 0.02) for every matrix (GPT-2): small enough that the initial logits are near uniform.
+        # There are no biases; RMSNorm gains start at 1 (set in RMSNorm).
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx: (batch, seq) token ids -> logits (batch, seq, vocab). With a cache, idx continues the
-        cached prefix: its positions start at cache.length."""
+        cached prefix: its positions start at cache.length (not at 0: the usual KV-cache bug)."""
+        if idx.dim() != 2:
+            raise ValueError(f"GPT expects token ids of shape (batch, seq), got shape {tuple(idx.shape)}")
         start = cache.length if cache is not None else 0
         end = start + idx.shape[1]
         if end > self.config.context_length:
-            raise ValueError(f"positions up to {end} exceed context_length {self.config.context_length}")
+            raise ValueError(f"positions {start}..{end - 1} exceed context_length {self.config.context_length} "
+                             f"({start} cached + {idx.shape[1]} new tokens); feed at most context_length tokens")
+        ids = cache.add_tokens(idx) if cache is not None else idx
+        mask = self.document_mask(ids, start) if self.config.eot_id >= 0 else None
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.length = end
         return self.lm_head(self.final_norm(x))
 
+    def document_mask(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """ids: (batch, end), the cached prefix and the new tokens at positions start..end-1 ->
+        (batch, 1, end - start, end), True where query i may attend to key j: j <= i, same document."""
+        doc = (ids == self.config.eot_id).cumsum(dim=1)  # a new document starts at each eot_id
+        end = ids.shape[1]
+        causal = torch.ones(end - start, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+        return ((doc[:, start:, None] == doc[:, None, :]) & causal)[:, None]
+
     def param_counts(self) -> dict[str, int]:
-        """Parameters by component; a tied lm_head shares the embedding and counts 0."""
-        def n(params):
-            return sum(p.numel() for p in params)
-        blocks = self.blocks
-        counts = {
-            "embedding": self.tok_emb.weight.numel(),
-            "attention": n(p for b in blocks for p in b.attn.parameters()),
-            "mlp": n(p for b in blocks for p in b.mlp.parameters()),
-            "norms": n(p for b in blocks for m in (b.attn_norm, b.mlp_norm) for p in m.parameters())
-            + n(self.final_norm.parameters()),
-            "lm_head": 0 if self.config.tie_embeddings else self.lm_head.weight.numel(),
-        }
+        """Parameters by component. named_parameters() yields a tied weight once, as tok_emb.weight,
+        so a tied lm_head counts 0. Every RMSNorm gain (q_norm and k_norm included) counts as 'norms'."""
+        counts = dict.fromkeys(("embedding", "attention", "mlp", "norms", "lm_head"), 0)
+        for name, p in self.named_parameters():
+            kind = ("norms" if "norm" in name else "attention" if ".attn." in name else "mlp" if ".mlp." in name
+                    else "embedding" if name.startswith("tok_emb.") else "lm_head")
+            counts[kind] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token, forward + backward: 6 * N + 12 * n_layers * d_model * context_length,
-        N the weights used in matmuls (the blocks' linears and lm_head; the embedding lookup is free).
-        The second term is attention's scores and weighted sum (Kaplan et al. 2020; PaLM, appendix B)."""
+        """Training FLOPs per token, forward + backward: 6 * N + 12 * n_layers * d_model * context_length
+        (Chowdhery et al. 2022, 'PaLM', appendix B). N counts the weights used in matmuls: the blocks'
+        linears and lm_head, which is a matmul even when tied (the embedding lookup is free). The second
+        term is attention's scores QK^T and weighted sum AV over the full window, causal mask ignored.
+        (Kaplan et al. 2020 count 6 * n_layers * d_model * context_length for the same term.)"""
         c = self.config
-        n_matmul = sum(p.numel() for b in self.blocks for m in (b.attn, b.mlp) for p in m.parameters())
+        n_matmul = sum(m.weight.numel() for m in self.blocks.modules() if isinstance(m, nn.Linear))
         n_matmul += c.vocab_size * c.d_model
         return 6 * n_matmul + 12 * c.n_layers * c.d_model * c.context_length
 
@@ -244,6 +294,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if "cuda" in available else "mps" if "mps" in available else "cpu")
     if requested.split(":")[0] not in available:
-        raise ValueError(f"--device {requested}: not available on this machine; available: {', '.join(available)} "
-                         "(or auto)")
+        raise ValueError(f"device {requested!r} is not available on this machine; available: "
+                         f"{', '.join(available)} (or 'auto' to pick the best)")
     return torch.device(requested)

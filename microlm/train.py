@@ -123,6 +123,7 @@ def train(
 ) -> dict:
     """Train `model` in place for cfg.max_steps optimizer steps; return a summary dict."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     opt = make_optimizer(model, cfg)
     step, tokens_seen, train_time = 0, 0, 0.0

@@ -1,0 +1,35 @@
+# microlm: `make pretrain`, `make test`. Each target builds .venv first if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv pretrain sample test clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . \
+	  || $(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install the pinned requirements (torch 2.13.0 CPU)
+
+pretrain: $(STAMP) ## build the story corpus, train the tokenizer and the GPT into runs/pretrain (ARGS=... for more flags)
+	@if [ -f runs/pretrain/model.safetensors ] && [ -z "$(ARGS)" ]; then \
+	  echo "runs/pretrain is already trained (make pretrain ARGS=--overwrite trains it again)"; \
+	else $(VENV)/bin/microlm pretrain $(ARGS); fi
+
+sample: $(STAMP) ## print five stories sampled from runs/pretrain, each scored by the world
+	$(VENV)/bin/microlm sample --run-dir runs/pretrain $(ARGS)
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest
+
+clean: ## delete runs/ and the generated corpus (keeps .venv)
+	rm -rf runs data/train.txt data/val.txt data/stats.json

@@ -1,0 +1,79 @@
+"""`microlm pretrain` and `microlm sample` end to end, in a tiny setting, and their errors."""
+
+import json
+
+import pytest
+
+from microlm.cli import main
+
+TINY = ["--n-train", "300", "--n-val", "20", "--max-steps", "4", "--eval-every", "2", "--batch-size", "4",
+        "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--n-samples", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["pretrain", "--run-dir", str(root / "run"), "--data-dir", str(root / "data"), *TINY]) == 0
+    return root
+
+
+def test_pretrain_writes_every_output(run):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "samples.txt",
+                 "summary.json"):
+        assert (run / "run" / name).is_file(), name
+    summary = json.loads((run / "run" / "summary.json").read_text())
+    assert {"val_bpc", "bound_bpc", "sample_validity", "tokens_per_s", "mfu"} <= set(summary)
+    config = json.loads((run / "run" / "config.json").read_text())
+    assert {"seed", "git_commit", "torch"} <= set(config["provenance"])
+
+
+def test_same_seed_writes_byte_identical_corpus_files(run, tmp_path):
+    assert main(["pretrain", "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), *TINY]) == 0
+    for name in ("train.txt", "val.txt"):
+        assert (tmp_path / "data" / name).read_bytes() == (run / "data" / name).read_bytes()
+
+
+def test_sample_scores_stories(run, capsys):
+    assert main(["sample", "--run-dir", str(run / "run"), "--n", "2", "--prompt", "Ann is at the"]) == 0
+    out = capsys.readouterr().out.split("\n")[:-1]
+    assert len(out) == 2 and all(line.startswith(("[valid", "[INVALID]")) for line in out)
+    assert all("Ann is at the" in line for line in out)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(run, capsys):
+    assert main(["pretrain", "--run-dir", str(run / "run"), "--data-dir", str(run / "data"), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"caf\xe9 au lait\n" * 300, "not UTF-8 (byte 3, line 1)"),
+    (b"too short", "only 9 characters"),
+])
+def test_bad_corpus_files_get_a_clear_error(tmp_path, capsys, content, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    assert main(["pretrain", "--corpus", str(corpus), "--run-dir", str(tmp_path / "r"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(corpus) in err
+
+
+def test_any_text_file_can_be_the_corpus(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    args = ["pretrain", "--corpus", str(corpus), "--run-dir", str(tmp_path / "r"), *TINY, "--context-length", "32"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert "bound_bpc" not in summary and summary["val_bpc"] > 0
+
+
+def test_impossible_values_are_refused_with_the_valid_range(tmp_path, capsys):
+    assert main(["pretrain", "--run-dir", str(tmp_path / "r"), "--lr", "-1", *TINY]) == 2
+    assert "--lr=-1.0 is out of range (> 0)" in capsys.readouterr().err
+    assert main(["pretrain", "--run-dir", str(tmp_path / "r"), "--device", "nosuch", *TINY]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_sample_from_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["sample", "--run-dir", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Sampling on top of the KV cache: greedy, temperature, top-k, top-p, end tokens, the context limit."""
+
+import pytest
+import torch
+
+from microlm.generate import generate, sample_next, top_k_filter, top_p_filter
+from microlm.model import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine they made tests ~100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=40, context_length=24, d_model=32, n_layers=2, n_heads=2)).eval()
+
+
+def greedy_by_full_forward(model, prompt, n):
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompt.shape[1]:].tolist()
+
+
+def test_greedy_with_and_without_cache_equals_an_argmax_loop(model):
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    expected = greedy_by_full_forward(model, prompt, 10)
+    assert generate(model, prompt, 10, temperature=0) == expected
+    assert generate(model, prompt, 10, temperature=0) == expected  # deterministic
+    assert generate(model, prompt, 10, temperature=0, use_cache=False) == expected
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    prompt = torch.tensor([[7, 8], [9, 1]])
+    greedy = generate(model, prompt, 8, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert generate(model, prompt, 8, top_k=1, generator=g) == greedy
+    assert generate(model, prompt, 8, top_p=1e-6, generator=g) == greedy
+    assert generate(model, prompt, 8, temperature=5.0, top_k=1, generator=g) == greedy
+
+
+def test_seeded_sampling_is_reproducible_and_the_cache_does_not_change_it(model):
+    prompt = torch.tensor([[1]] * 4)
+    a = generate(model, prompt, 12, generator=torch.Generator().manual_seed(3))
+    b = generate(model, prompt, 12, generator=torch.Generator().manual_seed(3))
+    c = generate(model, prompt, 12, generator=torch.Generator().manual_seed(3), use_cache=False)
+    assert a == b == c
+    assert a != generate(model, prompt, 12, generator=torch.Generator().manual_seed(4))
+
+
+def test_rows_stop_at_their_own_first_end_token_and_exclude_it(model):
+    # The same seed without an end token gives the uncut rows: each row with eot_id must be that row cut
+    # just before its first eot_id, whatever the other rows did.
+    prompt = torch.tensor([[1]] * 16)
+    full = generate(model, prompt, 20, temperature=3.0, generator=torch.Generator().manual_seed(0))
+    eot = max(range(40), key=lambda t: sum(t in r for r in full[:8]))  # a token some rows produce
+    assert 0 < sum(eot in r for r in full) < 16  # some rows end, others run to max_new_tokens
+    cut = generate(model, prompt, 20, temperature=3.0, eot_id=eot, generator=torch.Generator().manual_seed(0))
+    assert cut == [r[: r.index(eot)] if eot in r else r for r in full]
+
+
+def test_generation_stops_when_every_row_has_ended(model):
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    first = generate(model, torch.tensor([[3, 4]]), 1, temperature=0)[0][0]
+    calls.clear()
+    assert generate(model, torch.tensor([[3, 4]]), 15, temperature=0, eot_id=first) == [[]]
+    assert len(calls) == 1  # the prefill only
+
+
+def test_generation_never_exceeds_the_context(model):
+    for use_cache in (True, False):
+        rows = generate(model, torch.tensor([[1, 2, 3, 4]]), 1000, temperature=0, use_cache=use_cache)
+        assert len(rows[0]) == 24 - 4
+    assert generate(model, torch.ones(1, 24, dtype=torch.long), 5) == [[]]
+
+
+def test_training_mode_is_restored(model):
+    model.train()
+    generate(model, torch.tensor([[1]]), 3, temperature=0)
+    assert model.training
+    model.eval()
+    generate(model, torch.tensor([[1]]), 3, temperature=0)
+    assert not model.training
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5]])
+    kept = top_k_filter(logits, 2).isfinite()
+    assert kept.tolist() == [[False, True, False, True, False]]
+    assert top_k_filter(logits, 99).isfinite().all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.05, 0.3]]))
+    assert top_p_filter(logits, 0.75).isfinite().tolist() == [[False, True, False, True]]  # 0.5 + 0.3 >= 0.75
+    assert top_p_filter(logits, 0.5).isfinite().tolist() == [[False, True, False, False]]  # 0.5 reaches 0.5
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, top_p=0.75, generator=g).item() for _ in range(300)}
+    assert picks == {1, 3}
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_arguments_are_refused(model, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        sample_next(torch.zeros(1, 5), **kwargs)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        generate(model, torch.tensor([[1]]), 0, **kwargs)  # refused even when nothing would be sampled
+
+
+@pytest.mark.parametrize("prompt", [torch.tensor([1, 2]), torch.zeros(2, 0, dtype=torch.long),
+                                    torch.ones(1, 25, dtype=torch.long)])
+def test_bad_prompts_are_refused(model, prompt):
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, prompt, 3)

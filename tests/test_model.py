@@ -1,0 +1,218 @@
+"""The GPT: shapes, causality, RoPE, attention by hand, the KV cache, parameter counts, init, learning."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from microlm.model import GPT, GPTConfig, KVCache, apply_rope, pick_device, rope_tables
+
+TINY = dict(vocab_size=50, context_length=32, d_model=32, n_layers=2, n_heads=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waiting
+    # threads made these tests ~100x slower. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**TINY)).eval()
+
+
+def test_logits_have_shape_batch_seq_vocab(model):
+    assert model(torch.randint(0, 50, (3, 7))).shape == (3, 7, 50)
+
+
+def test_future_tokens_do_not_change_past_logits(model):
+    x = torch.randint(0, 50, (1, 12))
+    y = x.clone()
+    y[0, 8:] = (y[0, 8:] + 1) % 50
+    torch.testing.assert_close(model(x)[:, :8], model(y)[:, :8], atol=1e-6, rtol=0)
+    assert not torch.allclose(model(x)[:, 8:], model(y)[:, 8:])  # the change itself is seen
+
+
+def cached_step_by_step(model, x, prefill):
+    """Logits for x (batch, seq): a prefill of `prefill` tokens, then one token at a time."""
+    cache = KVCache.for_model(model, batch_size=x.shape[0])
+    steps = [model(x[:, :prefill], cache)]
+    for t in range(prefill, x.shape[1]):
+        steps.append(model(x[:, t: t + 1], cache))
+        assert cache.length == t + 1
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_kv_cache_logits_equal_the_full_forward_at_every_step(qk_norm):
+    # Tolerance 1e-5 in fp32: the cached path sums the same products in a different order.
+    # Every step is compared, so a position offset that drifts after the prefill shows up.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, qk_norm=qk_norm)).eval()
+    x = torch.randint(0, 50, (2, 20))
+    torch.testing.assert_close(cached_step_by_step(model, x, prefill=5), model(x), atol=1e-5, rtol=0)
+
+
+def test_kv_cache_difference_is_rounding_float64_agrees_to_1e_12(model):
+    model = model.double()
+    x = torch.randint(0, 50, (2, 20))
+    torch.testing.assert_close(cached_step_by_step(model, x, prefill=5), model(x), atol=1e-12, rtol=0)
+
+
+def test_kv_cache_accepts_chunks_after_a_prefix(model):
+    x = torch.randint(0, 50, (1, 16))
+    cache = KVCache.for_model(model, batch_size=1)
+    out = torch.cat([model(x[:, :6], cache), model(x[:, 6:11], cache), model(x[:, 11:], cache)], dim=1)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=0)
+
+
+def test_kv_cache_refuses_to_overflow_and_keeps_its_length(model):
+    cache = KVCache.for_model(model, batch_size=1, max_len=8)
+    model(torch.zeros(1, 6, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="overflow"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+    assert cache.length == 6
+    with pytest.raises(ValueError, match="max_len"):
+        KVCache.for_model(model, batch_size=1, max_len=33)
+
+
+def test_positions_beyond_the_context_are_refused(model):
+    with pytest.raises(ValueError, match="context_length"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    cache = KVCache.for_model(model, batch_size=1)
+    model(torch.zeros(1, 30, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="context_length"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+
+
+def test_documents_do_not_see_each_other_and_the_cache_agrees():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY, eot_id=0)).eval()
+    x = torch.randint(1, 50, (2, 20))
+    x[:, 7] = 0  # a new document starts at position 7
+    y = x.clone()
+    y[:, :7] = (y[:, :7] + 1) % 49 + 1  # change only the first document
+    torch.testing.assert_close(m(x)[:, 7:], m(y)[:, 7:], atol=1e-6, rtol=0)
+    x[1, 13] = 0  # rows split into documents differently
+    torch.testing.assert_close(cached_step_by_step(m, x, prefill=4), m(x), atol=1e-5, rtol=0)
+    cache = KVCache.for_model(m, batch_size=2)
+    torch.testing.assert_close(torch.cat([m(x[:, :5], cache), m(x[:, 5:], cache)], 1), m(x), atol=1e-5, rtol=0)
+
+
+def test_rope_preserves_norms_and_scores_depend_only_on_distance():
+    cos, sin = rope_tables(8, 64, 10000.0)
+    c, s = cos.double(), sin.double()
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 1, 8, dtype=torch.float64, generator=g) for _ in range(2))
+
+    def at(x, pos):
+        return apply_rope(x, c[pos: pos + 1], s[pos: pos + 1])
+    # Tolerances 1e-6: the tables are stored in fp32 (about 7 significant digits).
+    assert at(q, 17).norm().item() == pytest.approx(q.norm().item(), rel=1e-6)
+    for m, n, shift in [(10, 3, 30), (3, 10, 50), (5, 5, 21)]:
+        score, shifted = (at(q, m) * at(k, n)).sum(), (at(q, m + shift) * at(k, n + shift)).sum()
+        assert score.item() == pytest.approx(shifted.item(), abs=1e-6)
+    assert (at(q, 10) * at(k, 3)).sum().item() != pytest.approx((q * k).sum().item(), abs=1e-3)  # it did rotate
+
+
+def test_attention_by_hand_equals_the_module(model):
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 9, 32)
+    cos, sin = model.rope_cos[:9], model.rope_sin[:9]
+    heads = lambda t: t.view(2, 9, 4, 8).transpose(1, 2)  # noqa: E731  (batch, heads, seq, head_dim)
+    q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)  # QK-norm, then RoPE
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 32)
+    torch.testing.assert_close(attn(x, cos, sin), attn.output_proj(y), atol=1e-6, rtol=0)
+
+
+def test_param_counts_add_up_and_count_tied_weights_once():
+    tied = GPT(GPTConfig(**TINY))
+    counts = tied.param_counts()
+    assert counts["total"] == sum(p.numel() for p in tied.parameters())  # parameters() yields a tied one once
+    assert counts["lm_head"] == 0 and tied.lm_head.weight is tied.tok_emb.weight
+    per_block_attn, per_block_mlp = 4 * 32 * 32, 3 * 32 * 96  # d_ff = 96 for d_model 32
+    assert (counts["embedding"], counts["attention"], counts["mlp"]) == (50 * 32, 2 * per_block_attn, 2 * per_block_mlp)
+    assert counts["norms"] == 2 * (2 * 32 + 2 * 8) + 32  # attn/mlp norms, q/k norms (head_dim 8), final norm
+    untied = GPT(GPTConfig(**TINY, tie_embeddings=False))
+    assert untied.param_counts()["total"] == sum(p.numel() for p in untied.parameters())
+    assert untied.param_counts()["total"] - counts["total"] == 50 * 32
+
+
+def test_flops_per_token_is_6n_plus_12_l_d_t():
+    for tie in (True, False):
+        m = GPT(GPTConfig(**TINY, tie_embeddings=tie))
+        n_matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+        assert m.flops_per_token() == 6 * n_matmul + 12 * 2 * 32 * 32
+
+
+def test_default_d_ff_is_8_thirds_of_d_model_rounded_up_to_32():
+    assert GPTConfig(d_model=128).d_ff == 352  # 8/3 * 128 = 341.3
+    assert GPTConfig(d_model=96).d_ff == 256
+    assert GPTConfig(d_ff=100).d_ff == 100
+
+
+def test_init_std_is_002_and_residual_projections_smaller():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=500, d_model=128, n_layers=4, n_heads=4))
+    # rel=0.05: each matrix has >= 16k samples, so its std is within about 1% of the target.
+    for w in (m.tok_emb.weight, m.blocks[0].attn.q_proj.weight, m.blocks[3].mlp.gate_proj.weight):
+        assert w.std().item() == pytest.approx(0.02, rel=0.05)
+    for w in (m.blocks[0].attn.output_proj.weight, m.blocks[3].mlp.down_proj.weight):
+        assert w.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.05)
+    assert all((b.attn_norm.weight == 1).all() for b in m.blocks)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(d_model=30, n_heads=4), "d_model"), (dict(d_model=12, n_heads=4), "d_model"),
+    (dict(n_layers=0), "n_layers"), (dict(vocab_size=-1), "vocab_size"), (dict(d_ff=-5), "d_ff"),
+    (dict(rope_base=0.0), "rope_base"), (dict(norm_eps=-1e-5), "norm_eps"), (dict(eot_id=512), "eot_id"),
+    (dict(d_model="128"), "d_model"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
+        GPTConfig(**kwargs)
+
+
+def test_config_round_trips_and_from_dict_names_unknown_and_missing_keys():
+    cfg = GPTConfig(**TINY, tie_embeddings=False)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="colour"):
+        GPTConfig.from_dict({**cfg.to_dict(), "colour": 1})
+    d = cfg.to_dict()
+    del d["n_heads"]
+    with pytest.raises(ValueError, match="missing.*n_heads"):
+        GPTConfig.from_dict(d)
+
+
+def test_a_few_steps_of_adamw_learn_a_repeated_sequence():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY))
+    x = torch.arange(17).repeat(2, 1) % 50
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(50), rel=0.05)  # small init: near-uniform predictions
+    assert losses[-1] < 0.2 * losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_missing_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="'cuda' is not available.*available: cpu"):
+        pick_device("cuda")
+    assert pick_device("auto").type in ("cpu", "mps")
+    assert pick_device("cpu") == torch.device("cpu")

@@ -1,0 +1,88 @@
+"""The training loop: schedule, determinism, checkpoints and exact resume, Ctrl-C, divergence."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from microlm.checkpoint import unique_tensors
+from microlm.data import window_batch
+from microlm.model import GPT, GPTConfig
+from microlm.train import TrainConfig, TrainingDiverged, TrainingInterrupted, lr_at, train
+
+STREAM = np.random.default_rng(0).integers(0, 30, 5000).astype(np.int32)
+CFG = TrainConfig(max_steps=10, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=3, eval_every=5,
+                  checkpoint_every=3, seed=1)
+
+
+def new_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=30, context_length=16, d_model=16, n_layers=1, n_heads=2))
+
+
+def run(run_dir, cfg=CFG, resume=False, get_batch=None, model=None):
+    model = model or new_model()
+    get_batch = get_batch or (lambda i: window_batch(STREAM, cfg.batch_size, 16, cfg.seed, i))
+    summary = train(model, cfg, get_batch, lambda m: {"val_loss": 1.0}, run_dir, resume=resume, progress=False)
+    return model, summary
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=11, lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg) == pytest.approx(1.0)
+    assert lr_at(7, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(10, cfg) == pytest.approx(0.1)
+
+
+def test_same_seed_same_weights_and_metrics(tmp_path):
+    a, _ = run(tmp_path / "a")
+    b, _ = run(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "mfu")}  # noqa: E731
+                       for line in p.read_text().splitlines()]
+    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path):
+    full, _ = run(tmp_path / "full")
+
+    def interrupt_at_step_7(i):
+        if i == 7 * CFG.grad_accum:
+            raise KeyboardInterrupt
+        return window_batch(STREAM, CFG.batch_size, 16, CFG.seed, i)
+    with pytest.raises(TrainingInterrupted) as info:
+        run(tmp_path / "cut", get_batch=interrupt_at_step_7)
+    assert info.value.step == 7
+    resumed, summary = run(tmp_path / "cut", resume=True)
+    assert summary["steps"] == 10
+    for (name, x), y in zip(unique_tensors(full).items(), unique_tensors(resumed).values()):
+        assert torch.equal(x, y), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # no step logged twice
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run(tmp_path / "r")
+    with pytest.raises(ValueError, match="lr"):
+        run(tmp_path / "r", cfg=TrainConfig(**{**CFG.__dict__, "lr": 5e-3}), resume=True)
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    model = new_model()
+    run(tmp_path / "d", model=model)
+    before = (tmp_path / "d" / "checkpoint" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.tok_emb.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="step 0.*lower --lr"):
+        run(tmp_path / "d2", model=model)
+    assert (tmp_path / "d" / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_impossible_settings_name_the_flag_and_the_range():
+    with pytest.raises(ValueError, match="--lr=-1.*> 0"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="--batch-size=0"):
+        TrainConfig(batch_size=0)
