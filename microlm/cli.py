@@ -40,6 +40,7 @@ HELP = {
     "d_model": "model width", "n_layers": "transformer blocks", "n_heads": "attention heads",
     "d_ff": "SwiGLU hidden size (0: about 8/3 of d_model)", "rope_base": "RoPE frequency base",
     "tie_embeddings": "share the input embedding and the output head", "norm_eps": "RMSNorm epsilon",
+    "qk_norm": "RMS-normalise queries and keys per head",
 }
 
 # Defaults sized for `make pretrain` on a 2-core laptop CPU (see the README for the measured run).
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     pre.add_argument("--overwrite", action="store_true", help="delete what --run-dir holds and start again")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
-    add_dataclass_flags(pre, GPTConfig)
+    add_dataclass_flags(pre, GPTConfig, skip=("eot_id",))
     add_dataclass_flags(pre, TrainConfig)
 
     sam = sub.add_parser("sample", help="generate text from a trained run",
@@ -153,7 +154,7 @@ def cmd_pretrain(args) -> int:
     import torch
     run_dir = Path(args.run_dir)
     train_cfg = from_args(TrainConfig, args)
-    model_cfg = from_args(GPTConfig, args)
+    model_cfg = from_args(GPTConfig, args)  # vocab_size is the tokenizer's request; the model gets its n_vocab
     if args.n_samples < 0 or args.n_train < 1 or args.n_val < 1:
         raise UsageError("--n-train and --n-val must be >= 1 and --n-samples >= 0")
     device = pick_device(args.device)
@@ -194,7 +195,8 @@ def cmd_pretrain(args) -> int:
             print(f"tokenizer: stopped after {bpe.merges_done} of {bpe.merges_requested} merges: no pair left to merge")
         tokenizer = Tokenizer.from_bpe(bpe)
         tokenizer.save(tok_path)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.n_vocab)
+    # Stories are separate documents: attention stays inside each (a plain text file is one document).
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.n_vocab, eot_id=tokenizer.eot_id if world else -1)
     train_stream = encode_documents(tokenizer, train_docs)
     if len(train_stream) < model_cfg.context_length + 2:
         raise CorpusError(f"{args.corpus or args.data_dir}: {len(train_stream)} training tokens, fewer than one "

@@ -8,6 +8,7 @@ generator did, and its loss can be compared with the generator's exact entropy.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,6 @@ def build_story_corpus(data_dir: str | Path, world: World, sizes: dict[str, int]
 
 
 def json_roundtrip(obj):
-    import json
     return json.loads(json.dumps(obj))
 
 

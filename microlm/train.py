@@ -20,16 +20,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, load_json, load_optimizer, load_weights, replace_dir, save_json,
-                         save_optimizer, save_weights)
+                         save_optimizer, save_text, save_weights)
 from .data import IGNORE
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 2000
-    batch_size: int = 32  # sequences per micro-batch
+    max_steps: int = 1800
+    batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
+    lr: float = 1e-2  # high for AdamW, and stable here thanks to QK-norm (see model.py)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1  # on matrices only: norms' gains and biases are not shrunk toward 0
@@ -234,7 +234,6 @@ def _trim_metrics(path: Path, step: int) -> None:
             continue
         if rec.get("step", 0) <= step:
             keep.append(line)
-    from .checkpoint import save_text
     save_text(path, "".join(line + "\n" for line in keep))
 
 
