@@ -1,0 +1,209 @@
+"""LoRA: low-rank adapters on a frozen model (Hu et al. 2021).
+
+A LoRALinear *holds* the original nn.Linear W (frozen) and adds a trainable low-rank path:
+
+    y = W x + scaling * B(A(dropout(x)))      A: d_in -> r,  B: r -> d_out,  scaling = alpha / r
+
+B starts at zero, so a fresh adapter leaves the model's function unchanged, and only A and B
+(2 * d * r numbers instead of d * d) are trained. After training, the delta scaling * B @ A can be
+added into W (`merge_lora`): the merged model has no extra cost at inference. Merging is an explicit
+call, never a side effect of .eval(), and it is guarded against being applied twice.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import (CheckpointError, atomic_path, fingerprint, load_json, read_tensors, save_json,
+                         unique_tensors)
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        max_r = min(base.in_features, base.out_features)
+        if not 1 <= r <= max_r:
+            raise ValueError(f"LoRA rank r must be in [1, {max_r}] for a {base.in_features}->{base.out_features} "
+                             f"layer, got {r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        # rsLoRA (Kalajdzievski 2023) divides by sqrt(r) so the update's size does not shrink as r grows.
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear's own init
+        nn.init.zeros_(self.lora_B.weight)  # B = 0: the adapter starts as the identity change
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> (..., d_out)."""
+        y = self.base(x)
+        if self.merged or not self.enabled:
+            return y
+        return y + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, (d_out, d_in), computed in fp32 (or float64 if the weights are)."""
+        dtype = torch.float64 if self.lora_A.weight.dtype == torch.float64 else torch.float32
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("this LoRA layer is already merged; unmerge it first (merging twice adds the delta twice)")
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError("the LoRA delta holds NaN or Inf; the base weights were left untouched")
+        self.base.weight += delta.to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the delta again. W + d - d equals W only up to rounding (about 1e-7 relative in fp32)."""
+        if not self.merged:
+            raise RuntimeError("this LoRA layer is not merged")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora_to_model(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0,
+                        dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+    """Freeze every parameter, then swap each nn.Linear whose name ends in one of `targets` for a
+    LoRALinear holding it. Returns the model (changed in place)."""
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    unknown = sorted(set(targets) - set(linear_names))
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {unknown or '(none given)'}; the model's linear layers are "
+                         f"{linear_names}")
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; load a fresh base model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout, use_rslora))
+    return model
+
+
+def merge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch the adapter path off (the base model's function) or on, without touching weights."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            raise RuntimeError("unmerge the adapter before disabling it")
+        layer.enabled = enabled
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain nn.Linear back: a standard model."""
+    for name, layer in lora_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], layer.base)
+    return model
+
+
+def parameter_report(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+# ---- adapter files -----------------------------------------------------------------------------
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of the base weights under their plain names: equal to the fingerprint of the same
+    model without LoRA layers. Refused while merged (the base weights then hold the delta)."""
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise RuntimeError("unmerge the adapter before fingerprinting the base model")
+    base = {k.replace(".base.", "."): v for k, v in unique_tensors(model).items() if ".lora_" not in k}
+    return fingerprint(base)
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{ab}.weight": getattr(layer, ab).weight.detach().cpu().contiguous()
+            for name, layer in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> dict:
+    """adapter_config.json + adapter_model.safetensors (A and B only). Returns the config."""
+    from safetensors.torch import save_file
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    first = next(iter(layers.values()))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_tensors(model)
+    config = {"format": "microlm-lora", "r": first.r, "alpha": first.alpha, "use_rslora": first.use_rslora,
+              "dropout": getattr(first.dropout, "p", 0.0), "targets": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+              "base_fingerprint": base_fingerprint(model), "n_params": sum(t.numel() for t in tensors.values())}
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    save_json(folder / "adapter_config.json", config)
+    return config
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> dict:
+    """Load A and B into a model that already has matching LoRA layers (apply_lora_to_model with the
+    adapter's r and targets). Refuses, with the reason, an adapter for another base, rank or target set."""
+    folder = Path(folder)
+    config = load_json(folder / "adapter_config.json", "adapter config")
+    layers = lora_layers(model)
+    if not layers:
+        raise CheckpointError(f"{folder}: the model has no LoRA layers; call apply_lora_to_model with "
+                              f"r={config.get('r')} and targets={config.get('targets')} first")
+    first = next(iter(layers.values()))
+    targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    for key, mine in (("r", first.r), ("targets", targets), ("alpha", first.alpha), ("use_rslora", first.use_rslora)):
+        if config.get(key) != mine:
+            raise CheckpointError(f"{folder}: adapter has {key}={config.get(key)!r} but the model's LoRA layers "
+                                  f"have {key}={mine!r}")
+    if config.get("base_fingerprint") != base_fingerprint(model):
+        raise CheckpointError(f"{folder}: this adapter was trained on another base model (fingerprint "
+                              f"{config.get('base_fingerprint')} != {base_fingerprint(model)})")
+    tensors = read_tensors(folder / "adapter_model.safetensors", "adapter")
+    expected = adapter_tensors(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: adapter keys do not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if layer.merged:
+                raise RuntimeError("unmerge the current adapter before loading another")
+            for ab in ("lora_A", "lora_B"):
+                t = tensors[f"{name}.{ab}.weight"]
+                if t.shape != getattr(layer, ab).weight.shape:
+                    raise CheckpointError(f"{folder}: {name}.{ab} has shape {tuple(t.shape)}, expected "
+                                          f"{tuple(getattr(layer, ab).weight.shape)}")
+                getattr(layer, ab).weight.copy_(t)
+    return config

@@ -1,0 +1,140 @@
+"""LoRA: the wrapper, applying it by name, merging (non-zero adapters), adapter files."""
+
+import json
+
+import pytest
+import torch
+
+from microlm.checkpoint import CheckpointError
+from microlm.lora import (LoRALinear, apply_lora_to_model, load_adapter, lora_layers, merge_and_unload, merge_lora,
+                          parameter_report, save_adapter, set_lora_enabled, unmerge_lora)
+from microlm.model import GPT, GPTConfig
+
+CFG = dict(vocab_size=40, context_length=16, d_model=32, n_layers=2, n_heads=4)
+
+
+def base_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**CFG)).to(dtype).eval()
+
+
+def randomise_adapter(model, seed=1):
+    # A fresh adapter has B = 0 and changes nothing: a merge test on it could not fail.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+
+
+X = torch.randint(0, 40, (3, 12))
+
+
+def test_fresh_adapter_leaves_the_model_unchanged_and_trains_only_a_and_b():
+    base = base_model()
+    expected = base(X)
+    model = apply_lora_to_model(base_model(), r=4, alpha=8)
+    torch.testing.assert_close(model(X), expected, atol=0, rtol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(lora_layers(model)) == 2 * 4  # q, k, v, output in each of 2 blocks
+    model(X).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_forward_is_w_x_plus_scaled_b_a_x():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(8, 6, bias=False), r=2, alpha=6)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 8)
+    manual = x @ layer.base.weight.T + 3.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(layer(x), manual, atol=1e-6, rtol=0)
+    assert LoRALinear(torch.nn.Linear(8, 6), r=4, alpha=8, use_rslora=True).scaling == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_merged_equals_unmerged_and_differs_from_the_base(dtype, atol):
+    model = apply_lora_to_model(base_model(dtype=dtype), r=4, alpha=8)
+    randomise_adapter(model)
+    unmerged = model(X)
+    assert (unmerged - base_model(dtype=dtype)(X)).abs().max() > 1e-2  # the adapter does something
+    merge_lora(model)
+    torch.testing.assert_close(model(X), unmerged, atol=atol, rtol=0)
+    with pytest.raises(RuntimeError, match="already merged"):
+        merge_lora(model)
+    unmerge_lora(model)  # W + d - d is W only up to rounding
+    torch.testing.assert_close(model(X), unmerged, atol=atol, rtol=0)
+
+
+def test_merge_and_unload_gives_a_plain_model_with_the_same_function():
+    model = apply_lora_to_model(base_model(), r=2, alpha=4)
+    randomise_adapter(model)
+    expected = model(X)
+    plain = merge_and_unload(model)
+    assert not lora_layers(plain)
+    assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith("_proj"))
+    torch.testing.assert_close(plain(X), expected, atol=1e-5, rtol=0)
+
+
+def test_a_non_finite_delta_is_refused_before_the_weights_change():
+    model = apply_lora_to_model(base_model(), r=2, alpha=4)
+    layer = next(iter(lora_layers(model).values()))
+    before = layer.base.weight.clone()
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        layer.merge()
+    assert torch.equal(layer.base.weight, before)
+
+
+def test_disabling_the_adapter_gives_the_base_function():
+    model = apply_lora_to_model(base_model(), r=2, alpha=4)
+    randomise_adapter(model)
+    set_lora_enabled(model, False)
+    torch.testing.assert_close(model(X), base_model()(X), atol=0, rtol=0)
+
+
+def test_bad_targets_and_ranks_name_what_exists():
+    with pytest.raises(ValueError, match=r"unknown LoRA target.*\['o_proj'\].*output_proj"):
+        apply_lora_to_model(base_model(), targets=("q_proj", "o_proj"))
+    with pytest.raises(ValueError, match=r"r must be in \[1, 32\]"):
+        apply_lora_to_model(base_model(), r=33)
+    with pytest.raises(ValueError, match="r must be"):
+        apply_lora_to_model(base_model(), r=0)
+
+
+def test_parameter_report():
+    model = apply_lora_to_model(base_model(), targets=("q_proj", "v_proj"), r=2, alpha=4)
+    trainable = 2 * 2 * (2 * 32 * 2)  # 2 blocks x 2 targets x (A + B)
+    assert f"trainable params: {trainable:,} ||" in parameter_report(model)
+
+
+def test_adapter_round_trip_and_hot_swap(tmp_path):
+    model = apply_lora_to_model(base_model(), r=2, alpha=4)
+    randomise_adapter(model, seed=1)
+    out_1 = model(X)
+    config = save_adapter(model, tmp_path / "a1")
+    assert config["n_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    randomise_adapter(model, seed=2)
+    out_2 = model(X)
+    save_adapter(model, tmp_path / "a2")
+    load_adapter(model, tmp_path / "a1")  # switch adapters without reloading the base
+    torch.testing.assert_close(model(X), out_1, atol=0, rtol=0)
+    load_adapter(model, tmp_path / "a2")
+    torch.testing.assert_close(model(X), out_2, atol=0, rtol=0)
+
+
+def test_adapters_for_another_base_rank_or_targets_are_refused(tmp_path):
+    model = apply_lora_to_model(base_model(), r=2, alpha=4)
+    randomise_adapter(model)
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_adapter(apply_lora_to_model(base_model(seed=5), r=2, alpha=4), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="r=2"):
+        load_adapter(apply_lora_to_model(base_model(), r=4, alpha=4), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="targets"):
+        load_adapter(apply_lora_to_model(base_model(), targets=("q_proj",), r=2, alpha=4), tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_adapter(model, tmp_path / "a")
+    assert cfg["r"] == 2
