@@ -92,14 +92,19 @@ class StoryState:
 def _tell(world: World, d) -> StoryState:
     """The story program. `d` is a driver with `emit(text)` and `choose(options, probs=None) -> index`."""
     s = StoryState()
-    for _ in range(world.cast_size):  # "Ann is at the park with a red ball. "
-        free = [n for n in world.names if n not in s.place_of]
+    # The cast and their objects are introduced in alphabetical order: no name or kind can repeat, and
+    # checking that needs only the previous sentence.
+    order, kinds = sorted(world.names), sorted(world.kinds)
+    for slot in range(world.cast_size):  # "Ann is at the park with a red ball. "
+        first = order.index(s.cast[-1]) + 1 if s.cast else 0
+        free = order[first: len(order) - (world.cast_size - 1 - slot)]  # leave room for the rest
         name = free[d.choose([n + " " for n in free])]
         d.emit("is at the ")
         s.place_of[name] = world.places[d.choose([p + " " for p in world.places])]
         d.emit("with a ")
         colour = world.colours[d.choose([c + " " for c in world.colours])]
-        free_kinds = [k for k in world.kinds if k not in s.holder]
+        first = kinds.index(list(s.holder)[-1]) + 1 if s.holder else 0
+        free_kinds = kinds[first: len(kinds) - (world.cast_size - 1 - slot)]  # objects too, in order
         kind = free_kinds[d.choose([k + "." for k in free_kinds])]
         s.cast.append(name)
         s.colour_of[kind], s.holder[kind] = colour, name
@@ -117,13 +122,13 @@ def _tell(world: World, d) -> StoryState:
             places = [p for p in world.places if p != s.place_of[actor]]
             s.place_of[actor] = places[d.choose([p + "." for p in places])]
             s.moves.append((actor, s.place_of[actor]))
-        elif action == "gives the ":  # "Tom gives the red ball to Ann."
-            kind = held[d.choose([f"{s.colour_of[k]} {k} to " for k in held])]
+        elif action == "gives the ":  # "Tom gives the ball to Ann."
+            kind = held[d.choose([f"{k} to " for k in held])]
             receivers = [p for p in s.cast if p != actor]
             s.holder[kind] = receivers[d.choose([p + "." for p in receivers])]
             s.gifts.append((actor, kind, s.holder[kind]))
-        else:  # "Ann takes the red ball from Tom."
-            kind = others[d.choose([f"{s.colour_of[k]} {k} from " for k in others])]
+        else:  # "Ann takes the ball from Tom."
+            kind = others[d.choose([f"{k} from " for k in others])]
             d.emit(s.holder[kind] + ".")
             s.holder[kind] = actor
         subject = actor

@@ -55,14 +55,31 @@ def test_scorer_rejects_texts_that_break_grammar_or_state(edit):
 
 def test_giving_away_an_object_you_do_not_hold_is_invalid():
     world = World()
-    intro = ("Ann is at the park with a red ball. Tom is at the shop with a blue cup. "
-             "Mia is at the beach with a pink hat.")
-    assert is_valid(world, intro + " Tom gives the blue cup to Ann.")
-    assert not is_valid(world, intro + " Tom gives the red ball to Ann.")
-    assert not is_valid(world, intro + " Tom goes to the shop.")  # he is already there
-    assert not is_valid(world, intro + " He goes to the park.")  # 'He' would be Mia
+    intro = ("Ann is at the park with a red ball. Mia is at the beach with a pink cup. "
+             "Tom is at the shop with a blue hat.")
+    assert is_valid(world, intro + " Ann gives the ball to Tom.")
+    assert is_valid(world, intro + " He takes the ball from Ann.")
+    assert not is_valid(world, intro + " Tom gives the ball to Ann.")  # Ann holds it
+    assert not is_valid(world, intro + " Tom takes the ball from Mia.")  # Ann holds it
+    assert not is_valid(world, intro + " He goes to the shop.")  # he is already there
+    assert not is_valid(world, intro + " Tom goes to the park.")  # "He": Tom was the last subject
+    assert not is_valid(world, intro + " She goes to the park.")  # the previous subject is Tom
     with pytest.raises(InvalidStory, match="char"):
-        parse(world, intro + " Tom gives the red ball to Ann.")
+        parse(world, intro + " He gives the ball to Ann.")
+
+
+def test_the_cast_and_their_objects_are_introduced_in_alphabetical_order():
+    world = World()
+    assert is_valid(world, "Ann is at the park with a red ball. Mia is at the shop with a blue cup. "
+                           "Tom is at the beach with a pink hat. Mia goes to the park.")
+    assert not is_valid(world, "Tom is at the park with a red ball. Ann is at the beach with a pink cup. "
+                               "Mia is at the shop with a blue hat. Mia goes to the park.")
+    assert not is_valid(world, "Ann is at the park with a red hat. Mia is at the shop with a blue cup. "
+                               "Tom is at the beach with a pink ball. Mia goes to the park.")
+    rng = random.Random(3)
+    for _ in range(50):
+        _, state = parse(world, sample_story(world, rng).text)
+        assert state.cast == sorted(state.cast)
 
 
 def test_same_seed_gives_identical_splits_and_splits_are_disjoint():
