@@ -15,8 +15,10 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -333,8 +335,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C and `kill` both save a checkpoint and exit (a shell starts background jobs with SIGINT
+    # ignored, so restore it explicitly).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)
     commands = {"pretrain": cmd_pretrain, "sample": cmd_sample, "report": cmd_report}
     try:
         return commands[args.command](args)

@@ -115,8 +115,8 @@ def document_rows(tokenizer, docs: list[str], context: int) -> EvalSet:
     for text, ids in zip(docs, tokenizer.encode_batch(docs)):
         piece = ids + [eot]
         if len(piece) + 1 > context + 1:
-            raise ValueError(f"a document of {len(piece)} tokens does not fit the context of {context}: "
-                             f"{text[:60]!r}...")
+            raise ValueError(f"a document of {len(piece)} tokens does not fit the context of {context} "
+                             f"(use a context_length of at least {len(piece)}): {text[:60]!r}...")
         if len(row) + len(piece) > context + 1:
             rows.append(row)
             row = [eot]

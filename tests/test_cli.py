@@ -77,3 +77,30 @@ def test_impossible_values_are_refused_with_the_valid_range(tmp_path, capsys):
 def test_sample_from_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["sample", "--run-dir", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_a_real_process_then_resume_ends_with_the_same_weights(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    args = ["--data-dir", str(tmp_path / "data"), "--n-train", "300", "--n-val", "20", "--max-steps", "300",
+            "--eval-every", "100", "--checkpoint-every", "1000", "--batch-size", "2", "--context-length", "200",
+            "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--n-samples", "0", "--no-progress"]
+    assert main(["pretrain", "--run-dir", str(tmp_path / "whole"), *args]) == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "microlm.cli", "pretrain", "--run-dir", str(cut), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    saved = json.loads((cut / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert 20 <= saved < 300 and "--resume" in err
+    assert main(["pretrain", "--run-dir", str(cut), "--resume", *args]) == 0
+    assert (cut / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
