@@ -1,0 +1,143 @@
+"""The fine-tuning set: questions about stories, and the loss mask that trains only on answers.
+
+An example is a prompt (a story and a question) and a response (the exact answer):
+
+    prompt:   "Ann is at the park with a red ball. ... Tom takes the ball from Ann.\\nQ: Who has the red ball?\\nA:"
+    response: " Tom"
+
+Its tokens are `<|endoftext|> prompt response <|endoftext|>`. The loss is taken only where the
+*target* is a response token or the final end token: with targets shifted by one, the first answer
+token is predicted from the last prompt position, so the mask is built on target positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import IGNORE
+from .world import StoryState, World, parse, sample_story, split_of
+
+QUESTION_KINDS = ("who_has", "where_is", "what_gave")
+
+
+def questions(state: StoryState) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) for every question the story answers unambiguously."""
+    out = []
+    for kind_ in state.holder:  # needs the object's colour (intro) and its last holder (events)
+        out.append(("who_has", f"Who has the {state.colour_of[kind_]} {kind_}?", f" {state.holder[kind_]}"))
+    for person in state.cast:  # needs the person's last move, through any She/He
+        out.append(("where_is", f"Where is {person}?", f" at the {state.place_of[person]}"))
+    pairs = [(g, r) for g, _, r in state.gifts]
+    for giver, kind_, receiver in state.gifts:
+        if pairs.count((giver, receiver)) == 1:
+            out.append(("what_gave", f"What did {giver} give {receiver}?", f" the {state.colour_of[kind_]} {kind_}"))
+    return out
+
+
+def sft_split(text: str) -> str:
+    """'val' for 1 story in 10 of the fine-tuning stories, 'train' for the rest (by a second hash)."""
+    h = hashlib.blake2b(text.encode(), digest_size=8, person=b"microlm-sft").digest()
+    return "val" if int.from_bytes(h, "little") % 10 == 0 else "train"
+
+
+def make_sft_set(world: World, sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """Questions about stories that the pretraining corpus never holds (split_of(text) == 'sft').
+    Each story gives one question; its kind is drawn uniformly among the kinds it can answer."""
+    rng = random.Random(seed)
+    out = {name: [] for name in sizes}
+    seen = set()
+    while any(len(out[k]) < n for k, n in sizes.items()):
+        story = sample_story(world, rng)
+        if split_of(story.text) != "sft" or story.text in seen:
+            continue
+        seen.add(story.text)
+        split = sft_split(story.text)
+        if split not in out or len(out[split]) >= sizes[split]:
+            continue
+        _, state = parse(world, story.text)
+        qs = questions(state)
+        kind = rng.choice(sorted({k for k, _, _ in qs}))
+        _, q, a = rng.choice([x for x in qs if x[0] == kind])
+        out[split].append({"prompt": f"{story.text}\nQ: {q}\nA:", "response": a, "kind": kind})
+    return out
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+class SFTDataError(ValueError):
+    """A fine-tuning file that cannot be used; the message names the file and line."""
+
+
+def read_sft_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise SFTDataError(f"{path}: fine-tuning file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SFTDataError(f"{path}: not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+    examples = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SFTDataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not {"prompt", "response"} <= set(obj):
+            raise SFTDataError(f'{path}, line {n}: expected an object with "prompt" and "response"')
+        if not all(isinstance(obj[k], str) and obj[k] for k in ("prompt", "response")):
+            raise SFTDataError(f'{path}, line {n}: "prompt" and "response" must be non-empty strings')
+        examples.append(obj)
+    if not examples:
+        raise SFTDataError(f"{path}: no examples")
+    return examples
+
+
+# ---- tokens and the loss mask ------------------------------------------------------------------
+
+
+@dataclass
+class SFTBatch:
+    inputs: torch.Tensor  # (batch, seq) token ids, padded with <|endoftext|>
+    targets: torch.Tensor  # (batch, seq) next tokens where the loss is taken, IGNORE elsewhere
+
+
+def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids `<|endoftext|> prompt response <|endoftext|>` and the number of prompt tokens
+    (the leading end token included)."""
+    head = [tokenizer.eot_id] + tokenizer.encode_ordinary(prompt)
+    return head + tokenizer.encode_ordinary(response) + [tokenizer.eot_id], len(head)
+
+
+def encode_examples(tokenizer, examples: list[dict], context: int) -> tuple[list[tuple[list[int], int]], int]:
+    """Encoded examples that fit the context, and how many were skipped because they do not:
+    an example is never cut, since a cut answer would teach the wrong thing."""
+    kept, skipped = [], 0
+    for ex in examples:
+        ids, n_prompt = encode_example(tokenizer, ex["prompt"], ex["response"])
+        if len(ids) - 1 > context:
+            skipped += 1
+        else:
+            kept.append((ids, n_prompt))
+    return kept, skipped
+
+
+def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> SFTBatch:
+    """Pad to the longest example; targets are IGNORE on prompt and padding positions."""
+    t = max(len(ids) for ids, _ in encoded) - 1
+    x = torch.full((len(encoded), t), pad_id, dtype=torch.long)
+    y = torch.full((len(encoded), t), IGNORE, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(encoded):
+        ids = torch.tensor(ids)
+        x[i, : len(ids) - 1] = ids[:-1]
+        # target j is token j + 1: the answer starts at token n_prompt, i.e. at target n_prompt - 1
+        y[i, n_prompt - 1: len(ids) - 1] = ids[n_prompt:]
+    return SFTBatch(x, y)

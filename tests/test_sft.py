@@ -1,0 +1,78 @@
+"""The fine-tuning set, its files, and the loss mask that trains only on answers."""
+
+import json
+
+import pytest
+import torch
+
+from microlm.data import IGNORE
+from microlm.model import GPT, GPTConfig
+from microlm.sft import (SFTDataError, collate, encode_example, encode_examples, make_sft_set, questions,
+                         read_sft_jsonl)
+from microlm.tokenizer import EOT, Tokenizer, train_bpe
+from microlm.train import masked_loss
+from microlm.world import World, generate_splits, parse
+
+STORY = ("Ann is at the park with a red ball. Mia is at the shop with a blue cup. Tom is at the beach with a "
+         "pink hat. Ann gives the ball to Tom. Tom goes to the shop. He takes the cup from Mia. Mia takes the ball from Tom.")
+
+
+def test_answers_follow_the_state_across_sentences():
+    _, state = parse(World(), STORY)
+    qa = {q: a for _, q, a in questions(state)}
+    assert qa["Who has the red ball?"] == " Mia"  # Ann -> Tom -> Mia
+    assert qa["Who has the blue cup?"] == " Tom"  # taken by "He"
+    assert qa["Where is Tom?"] == " at the shop"
+    assert qa["What did Ann give Tom?"] == " the red ball"
+
+
+def test_fine_tuning_stories_are_never_in_pretraining_data_nor_in_both_splits():
+    sft = make_sft_set(World(), {"train": 60, "val": 20}, seed=3)
+    stories = {split: {ex["prompt"].split("\nQ:")[0] for ex in exs} for split, exs in sft.items()}
+    assert not stories["train"] & stories["val"]
+    pretrain = generate_splits(World(), {"train": 3000, "val": 100}, seed=3)
+    assert not (stories["train"] | stories["val"]) & {s.text for v in pretrain.values() for s in v}
+    assert {ex["kind"] for ex in sft["train"]} == {"who_has", "where_is", "what_gave"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_bpe(train_bpe(EOT.join([STORY] * 5 + ["Q: Who has A: Where is at the"]), 320))
+
+
+def test_only_answer_positions_receive_gradient(tok):
+    encoded = [encode_example(tok, STORY + "\nQ: Who has the red ball?\nA:", " Mia"),
+               encode_example(tok, "Ann is at the park with a red ball.\nQ: Where is Ann?\nA:", " at the park")]
+    batch = collate(encoded, tok.eot_id)
+    for row, (ids, n_prompt) in zip(batch.targets, encoded):
+        # the first target taken is the first answer token, predicted from the last prompt position
+        assert row[n_prompt - 1].item() == ids[n_prompt]
+        assert (row[: n_prompt - 1] == IGNORE).all()
+        assert row[len(ids) - 2].item() == tok.eot_id  # the end token is learned too
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, context_length=128, d_model=16, n_layers=1, n_heads=2))
+    logits = model(batch.inputs)
+    logits.retain_grad()
+    masked_loss(logits, batch.targets).backward()
+    per_position = logits.grad.abs().sum(-1)
+    assert (per_position[batch.targets == IGNORE] == 0).all()  # exactly zero, not small
+    assert (per_position[batch.targets != IGNORE] > 0).all()
+
+
+def test_examples_longer_than_the_context_are_skipped_and_counted(tok):
+    kept, skipped = encode_examples(tok, [{"prompt": STORY, "response": " x"}, {"prompt": "A:", "response": " y"}],
+                                    context=10)
+    assert skipped == 1 and len(kept) == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "response": ', "line 2: not valid JSON"),
+    ('{"prompt": "a"}', 'line 2: expected an object with "prompt" and "response"'),
+    ('{"prompt": "", "response": "b"}', "line 2: \"prompt\" and \"response\" must be non-empty strings"),
+    ('[1, 2]', "line 2: expected an object"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, line, message):
+    path = tmp_path / "my.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + line + "\n")
+    with pytest.raises(SFTDataError, match="my.jsonl, " + message.replace("(", r"\(").replace(")", r"\)")):
+        read_sft_jsonl(path)
