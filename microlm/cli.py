@@ -3,6 +3,7 @@
     microlm pretrain            build the story corpus, train the tokenizer and the model (runs/pretrain)
     microlm pretrain --corpus my.txt --run-dir runs/mine    the same on any UTF-8 text file
     microlm sample --run-dir runs/pretrain --prompt "Ann"   generate from a trained run
+    microlm report                                          a finished run's results as markdown
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ HELP = {
     "qk_norm": "RMS-normalise queries and keys per head",
 }
 
-# Defaults sized for `make pretrain` on a 2-core laptop CPU (see the README for the measured run).
-PRETRAIN_DEFAULTS = TrainConfig()
+# Corpus sizes for `make pretrain` on a 2-core laptop CPU (see data/README.md for why these).
 STORY_SPLITS = {"train": 60_000, "val": 2_000}
 
 

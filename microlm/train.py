@@ -159,7 +159,7 @@ def train(
             step += 1
             tokens_seen += n_tokens
             train_time += time.perf_counter() - t0
-            tok_s = tokens_seen / train_time if train_time else 0.0  # over this process's steps only
+            tok_s = tokens_seen / train_time if train_time else 0.0  # training time only: no evaluation
             record = {"step": step, "tokens": tokens_seen, "lr": lr, "train_loss": loss_sum, "grad_norm": grad_norm,
                       "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak}
             if chars_per_token:
