@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--data-dir", default="data", help="where the story corpus is written (default: data)")
     pre.add_argument("--n-train", type=int, default=STORY_SPLITS["train"], help="training stories (default: %(default)s)")
     pre.add_argument("--n-val", type=int, default=STORY_SPLITS["val"], help="validation stories (default: %(default)s)")
+    pre.add_argument("--tokenizer", choices=("trained", "gpt2"), default="trained",
+                     help="trained: BPE trained here on the corpus (default); gpt2: tiktoken's stock encoding, "
+                          "only if it is already in tiktoken's cache (microlm never downloads)")
     pre.add_argument("--n-samples", type=int, default=200, help="stories sampled at the end and scored (default: 200)")
     pre.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
@@ -191,6 +194,9 @@ def cmd_pretrain(args) -> int:
         saved = load_json(run_dir / "config.json", "run config")
         if saved["data"]["train_sha256"] != data_info["train_sha256"]:
             raise UsageError(f"--resume: the training data differs from the data {run_dir} was trained on")
+    elif args.tokenizer == "gpt2":
+        tokenizer = Tokenizer.stock("gpt2")
+        tokenizer.save(tok_path)
     else:
         bpe = train_bpe(EOT.join(train_docs), model_cfg.vocab_size)
         if bpe.stopped_early:

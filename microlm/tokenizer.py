@@ -226,12 +226,13 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the JSON file atomically: a reader sees the old file or the new one, never half of one."""
-        if self.ranks is None:
-            raise ValueError(f"the stock {self.name!r} encoding is not saved by microlm; use Tokenizer.stock")
-        tokens = sorted(self.ranks, key=self.ranks.__getitem__)
-        obj = {"format": self.FORMAT, "version": self.VERSION, "name": self.name, "pattern": self.pattern,
-               "special_tokens": self.special_tokens,
-               "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}  # list index = rank
+        if self.ranks is None:  # a stock encoding: only its name is stored, tiktoken's cache holds the rest
+            obj = {"format": self.FORMAT, "version": self.VERSION, "stock": self.name}
+        else:
+            tokens = sorted(self.ranks, key=self.ranks.__getitem__)
+            obj = {"format": self.FORMAT, "version": self.VERSION, "name": self.name, "pattern": self.pattern,
+                   "special_tokens": self.special_tokens,
+                   "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}  # list index = rank
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -255,6 +256,8 @@ class Tokenizer:
             if not isinstance(obj, dict) or (obj.get("format"), obj.get("version")) != (cls.FORMAT, cls.VERSION):
                 found = (obj.get("format"), obj.get("version")) if isinstance(obj, dict) else type(obj).__name__
                 raise ValueError(f"expected format {cls.FORMAT!r} version {cls.VERSION}, found {found}")
+            if "stock" in obj:
+                return cls.stock(str(obj["stock"]))
             if missing := [k for k in ("name", "pattern", "special_tokens", "mergeable_ranks") if k not in obj]:
                 raise ValueError(f"missing keys {missing}")
             tokens = [base64.b64decode(t, validate=True) for t in obj["mergeable_ranks"]]

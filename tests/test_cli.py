@@ -104,3 +104,11 @@ def test_ctrl_c_on_a_real_process_then_resume_ends_with_the_same_weights(tmp_pat
     assert 20 <= saved < 300 and "--resume" in err
     assert main(["pretrain", "--run-dir", str(cut), "--resume", *args]) == 0
     assert (cut / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_stock_gpt2_tokenizer_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    assert main(["pretrain", "--tokenizer", "gpt2", "--run-dir", str(tmp_path / "r"),
+                 "--data-dir", str(tmp_path / "d"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "never downloads" in err and "Traceback" not in err
