@@ -179,6 +179,8 @@ def train(
         save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
         raise TrainingInterrupted(step) from None
     bar.close()
+    if not last_eval:  # resumed from a checkpoint at max_steps: nothing left to train, still report
+        last_eval = evaluate(model)
     tok_s = tokens_seen / train_time if train_time else 0.0
     return {"steps": step, "tokens_seen": tokens_seen, "train_seconds": train_time, "tokens_per_s": tok_s,
             "flops_per_token": flops_per_token, "matmul_peak_flops": peak,

@@ -86,3 +86,10 @@ def test_impossible_settings_name_the_flag_and_the_range():
         TrainConfig(lr=-1)
     with pytest.raises(ValueError, match="--batch-size=0"):
         TrainConfig(batch_size=0)
+
+
+def test_resuming_a_finished_run_reports_without_training(tmp_path):
+    model, _ = run(tmp_path / "done")
+    again, summary = run(tmp_path / "done", resume=True)
+    assert summary["steps"] == CFG.max_steps and summary["val_loss"] == 1.0
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
