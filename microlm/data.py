@@ -9,7 +9,6 @@ generator did, and its loss can be compared with the generator's exact entropy.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +147,3 @@ def split_text_corpus(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     nl = text.rfind("\n", 0, cut)
     cut = nl + 1 if nl > len(text) // 2 else cut
     return text[:cut], text[cut:]
-
-
-def bits_per_char(total_nll_nats: float, n_chars: int) -> float:
-    return total_nll_nats / math.log(2) / n_chars

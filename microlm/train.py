@@ -41,24 +41,18 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
-        checks = {
-            "max_steps": self.max_steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "lr": self.lr > 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "warmup_steps": self.warmup_steps >= 0,
-            "weight_decay": self.weight_decay >= 0, "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1,
-            "grad_clip": self.grad_clip >= 0, "eval_every": self.eval_every >= 1,
-            "checkpoint_every": self.checkpoint_every >= 1,
+        rules = {  # field: (holds, valid range for the message)
+            "max_steps": (self.max_steps >= 1, ">= 1"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "grad_accum": (self.grad_accum >= 1, ">= 1"), "lr": (self.lr > 0, "> 0"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "beta1": (0 <= self.beta1 < 1, "in [0, 1)"), "beta2": (0 <= self.beta2 < 1, "in [0, 1)"),
+            "grad_clip": (self.grad_clip >= 0, ">= 0 (0 disables)"), "eval_every": (self.eval_every >= 1, ">= 1"),
+            "checkpoint_every": (self.checkpoint_every >= 1, ">= 1"),
         }
-        for name, ok in checks.items():
+        for name, (ok, valid) in rules.items():
             if not ok:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} is out of range "
-                                 f"({TRAIN_RANGES[name]})")
-
-
-TRAIN_RANGES = {
-    "max_steps": ">= 1", "batch_size": ">= 1", "grad_accum": ">= 1", "lr": "> 0", "min_lr_ratio": "in [0, 1]",
-    "warmup_steps": ">= 0", "weight_decay": ">= 0", "beta1": "in [0, 1)", "beta2": "in [0, 1)",
-    "grad_clip": ">= 0 (0 disables)", "eval_every": ">= 1", "checkpoint_every": ">= 1",
-}
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} is out of range ({valid})")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -85,7 +85,6 @@ class StoryState:
     colour_of: dict[str, str] = field(default_factory=dict)  # kind -> colour
     holder: dict[str, str] = field(default_factory=dict)  # kind -> person who holds it now
     gifts: list[tuple[str, str, str]] = field(default_factory=list)  # (giver, kind, receiver) in order
-    moves: list[tuple[str, str]] = field(default_factory=list)  # (person, new place) in order
     n_events: int = 0
 
 
@@ -121,7 +120,6 @@ def _tell(world: World, d) -> StoryState:
         if action == "goes to the ":  # "She goes to the beach."
             places = [p for p in world.places if p != s.place_of[actor]]
             s.place_of[actor] = places[d.choose([p + "." for p in places])]
-            s.moves.append((actor, s.place_of[actor]))
         elif action == "gives the ":  # "Tom gives the ball to Ann."
             kind = held[d.choose([f"{k} to " for k in held])]
             receivers = [p for p in s.cast if p != actor]
