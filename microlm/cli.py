@@ -162,8 +162,6 @@ def cmd_pretrain(args) -> int:
     if args.n_samples < 0 or args.n_train < 1 or args.n_val < 1:
         raise UsageError("--n-train and --n-val must be >= 1 and --n-samples >= 0")
     device = pick_device(args.device)
-    prepare_run_dir(run_dir, args.resume, args.overwrite)
-    torch.manual_seed(train_cfg.seed)
 
     # 1. Data: the story world (with its exact bound) or the user's text file.
     world, bound = None, None
@@ -186,6 +184,12 @@ def cmd_pretrain(args) -> int:
     data_info["train_sha256"] = sha256_text("\n".join(train_docs))
     data_info["val_sha256"] = sha256_text("\n".join(val_docs))
 
+    stock = Tokenizer.stock("gpt2") if args.tokenizer == "gpt2" and not args.resume else None
+    # Only now touch the run folder: a bad corpus or an unavailable tokenizer must not cost the run
+    # that --overwrite was about to replace.
+    prepare_run_dir(run_dir, args.resume, args.overwrite)
+    torch.manual_seed(train_cfg.seed)
+
     # 2. Tokenizer: trained on the training split only (reused when resuming).
     tok_path = run_dir / "tokenizer.json"
     if args.resume:
@@ -193,8 +197,8 @@ def cmd_pretrain(args) -> int:
         saved = load_json(run_dir / "config.json", "run config")
         if saved["data"]["train_sha256"] != data_info["train_sha256"]:
             raise UsageError(f"--resume: the training data differs from the data {run_dir} was trained on")
-    elif args.tokenizer == "gpt2":
-        tokenizer = Tokenizer.stock("gpt2")
+    elif stock is not None:
+        tokenizer = stock
         tokenizer.save(tok_path)
     else:
         bpe = train_bpe(EOT.join(train_docs), model_cfg.vocab_size)

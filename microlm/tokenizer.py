@@ -28,6 +28,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from .checkpoint import save_text
+
 EOT = "<|endoftext|>"
 
 # The cl100k (GPT-4) pre-tokenization pattern: contractions, words with one leading non-letter
@@ -233,17 +235,7 @@ class Tokenizer:
             obj = {"format": self.FORMAT, "version": self.VERSION, "name": self.name, "pattern": self.pattern,
                    "special_tokens": self.special_tokens,
                    "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}  # list index = rank
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=1)
-            os.replace(tmp, path)  # atomic on POSIX and Windows
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
+        save_text(path, json.dumps(obj, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

@@ -112,3 +112,12 @@ def test_stock_gpt2_tokenizer_offline_is_a_clear_error(tmp_path, capsys, monkeyp
                  "--data-dir", str(tmp_path / "d"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "gpt2" in err and "never downloads" in err and "Traceback" not in err
+
+
+def test_overwrite_with_bad_input_keeps_the_existing_run(run, tmp_path, capsys):
+    before = (run / "run" / "model.safetensors").read_bytes()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["pretrain", "--overwrite", "--corpus", str(empty), "--run-dir", str(run / "run"), *TINY]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert (run / "run" / "model.safetensors").read_bytes() == before
