@@ -8,8 +8,11 @@ the batches an uninterrupted run would have seen, and ends with the same weights
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,50 +131,53 @@ def train(
     last_eval: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
-    try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum, n_tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(step * cfg.grad_accum + micro)
-                x, y = x.to(device), y.to(device)
-                loss = masked_loss(model(x), y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
-                n_tokens += x.numel()
-            if not math.isfinite(loss_sum):
-                raise TrainingDiverged(
-                    f"loss became {loss_sum} at step {step}; the last good checkpoint in {run_dir} is kept. "
-                    f"Try a lower --lr (now {cfg.lr}) or a longer --warmup-steps (now {cfg.warmup_steps}).")
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or math.inf).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += n_tokens
-            train_time += time.perf_counter() - t0
-            tok_s = tokens_seen / train_time if train_time else 0.0  # training time only: no evaluation
-            record = {"step": step, "tokens": tokens_seen, "lr": lr, "train_loss": loss_sum, "grad_norm": grad_norm,
-                      "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak}
-            if chars_per_token:
-                record["train_bpc"] = loss_sum / math.log(2) / chars_per_token
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_eval = evaluate(model)
-                model.train()
-                record.update(last_eval)
-            _append_jsonl(run_dir / "metrics.jsonl", record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}",
-                            **({"val_bpc": f"{last_eval['val_bpc']:.3f}"} if "val_bpc" in last_eval else {}))
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
-    except KeyboardInterrupt:
-        bar.close()
-        save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
-        raise TrainingInterrupted(step) from None
+    with _stop_requests() as stop:
+        try:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss_sum, n_tokens = 0.0, 0
+                for micro in range(cfg.grad_accum):
+                    x, y = get_batch(step * cfg.grad_accum + micro)
+                    x, y = x.to(device), y.to(device)
+                    loss = masked_loss(model(x), y)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
+                    n_tokens += x.numel()
+                if not math.isfinite(loss_sum):
+                    raise TrainingDiverged(
+                        f"loss became {loss_sum} at step {step}; the last good checkpoint in {run_dir} is kept. "
+                        f"Try a lower --lr (now {cfg.lr}) or a longer --warmup-steps (now {cfg.warmup_steps}).")
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or math.inf).item()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += n_tokens
+                train_time += time.perf_counter() - t0
+                tok_s = tokens_seen / train_time if train_time else 0.0  # training time only: no evaluation
+                record = {"step": step, "tokens": tokens_seen, "lr": lr, "train_loss": loss_sum, "grad_norm": grad_norm,
+                          "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak}
+                if chars_per_token:
+                    record["train_bpc"] = loss_sum / math.log(2) / chars_per_token
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    last_eval = evaluate(model)
+                    model.train()
+                    record.update(last_eval)
+                _append_jsonl(run_dir / "metrics.jsonl", record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}",
+                                **({"val_bpc": f"{last_eval['val_bpc']:.3f}"} if "val_bpc" in last_eval else {}))
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
+                if stop:  # a Ctrl-C or SIGTERM came during this step: act on it now, between steps
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            bar.close()
+            save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
+            raise TrainingInterrupted(step) from None
     bar.close()
     if not last_eval:  # resumed from a checkpoint at max_steps: nothing left to train, still report
         last_eval = evaluate(model)
@@ -179,6 +185,24 @@ def train(
     return {"steps": step, "tokens_seen": tokens_seen, "train_seconds": train_time, "tokens_per_s": tok_s,
             "flops_per_token": flops_per_token, "matmul_peak_flops": peak,
             "mfu": flops_per_token * tok_s / peak, **last_eval}
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While training, Ctrl-C and SIGTERM are noted and acted on between steps: an interrupt inside
+    opt.step() would otherwise save half-updated weights under the previous step number, and the
+    resumed run would not match an uninterrupted one."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield requested
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
