@@ -1,31 +1,34 @@
-"""`microlm ...`: the command line. The only module that parses arguments and prints.
+"""`microlm ...`: the command line. The only module that parses arguments.
 
     microlm pretrain            build the story corpus, train the tokenizer and the model (runs/pretrain)
     microlm pretrain --corpus my.txt --run-dir runs/mine    the same on any UTF-8 text file
     microlm sample --run-dir runs/pretrain --prompt "Ann"   generate from a trained run
-    microlm report                                          a finished run's results as markdown
+    microlm lora-finetune       LoRA on the question set, from runs/pretrain (runs/lora)
+    microlm finetune --full     the full fine-tuning baseline, same data and budget (runs/full)
+    microlm compare             LoRA vs base vs merged vs full: compare.json, plots, table
+    microlm merge               fold an adapter into its base: a standalone model folder
+    microlm report              a finished run's results as markdown
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import math
 import os
-import platform
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckpointError, load_json, load_weights, save_json, save_text, save_weights
+from .checkpoint import CheckpointError, load_json, save_json, save_text, save_weights
 from .data import (CorpusError, build_story_corpus, document_rows, encode_documents, read_corpus, read_stories,
                    split_text_corpus, stream_rows, window_batch)
+from .finetune import SFT_SPLITS, LoRAConfig, finetune_defaults
 from .model import GPT, GPTConfig, pick_device
+from .runs import UsageError, load_run, prepare_run_dir, provenance, sha256_file, sha256_text
+from .sft import SFTDataError
 from .tokenizer import EOT, Tokenizer, train_bpe
 from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, read_metrics, train
 from .world import World, log_prob
@@ -49,21 +52,19 @@ HELP = {
 STORY_SPLITS = {"train": 60_000, "val": 2_000}
 
 
-class UsageError(ValueError):
-    pass
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> None:
+    """One flag per field of dataclass `cls`, defaulting to the field's value in `defaults` (an instance)."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name) if defaults is not None else f.default
         if f.type in ("bool", bool):
-            parser.add_argument(flag, type=_parse_bool, default=f.default, metavar="BOOL",
-                                help=f"{HELP.get(f.name, '')} (default: {f.default})")
+            parser.add_argument(flag, type=_parse_bool, default=default, metavar="BOOL",
+                                help=f"{HELP.get(f.name, '')} (default: {default})")
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), type(f.default))
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{HELP.get(f.name, '')} (default: {f.default})")
+            kind = {"int": int, "float": float}.get(str(f.type), type(default))
+            parser.add_argument(flag, type=kind, default=default, help=f"{HELP.get(f.name, '')} (default: {default})")
 
 
 def _parse_bool(s: str) -> bool:
@@ -104,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sam = sub.add_parser("sample", help="generate text from a trained run",
                          description="Sample from the model in --run-dir; stories from the story world are scored.")
-    sam.add_argument("--run-dir", default="runs/pretrain", help="a run folder (default: runs/pretrain)")
+    sam.add_argument("--run-dir", default=None, help="a model folder (default: runs/pretrain, or the base "
+                                                     "of --adapter)")
+    sam.add_argument("--adapter", help="sample through this LoRA adapter, unmerged (a LoRA run folder or its "
+                                       "adapter/ folder)")
     sam.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     sam.add_argument("--n", type=int, default=5, help="how many samples (default: 5)")
     sam.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
@@ -113,6 +117,61 @@ def build_parser() -> argparse.ArgumentParser:
     sam.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     sam.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
 
+    for name, full in (("lora-finetune", False), ("finetune", None)):
+        helps = {"lora-finetune": "LoRA fine-tuning on the question set (the same as finetune without --full)",
+                 "finetune": "fine-tune a model folder: LoRA (default) or every weight with --full"}
+        ft = sub.add_parser(name, help=helps[name], description=helps[name] + ". The base is frozen and only the "
+                            "adapters' A and B train; --full trains everything (the baseline). Same data, batch and "
+                            "steps either way. Output: --run-dir.")
+        if full is None:
+            ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+        ft.add_argument("--base", default="runs/pretrain", help="the model folder to start from: a pretrain run, "
+                        "a full fine-tune or a merged model (default: runs/pretrain)")
+        ft.add_argument("--run-dir", default=None, help="output folder (default: runs/lora, or runs/full with --full)")
+        ft.add_argument("--sft-data", help="your own questions: JSONL with {\"prompt\": ..., \"response\": ...} "
+                        "per line (default: questions about the base's story world, written to --data-dir)")
+        ft.add_argument("--sft-val", help="held-out JSONL for --sft-data (default: a seeded 10%% of --sft-data)")
+        ft.add_argument("--data-dir", default="data", help="where the question set is written (default: data)")
+        ft.add_argument("--n-train", type=int, default=SFT_SPLITS["train"], help="training questions (default: %(default)s)")
+        ft.add_argument("--n-val", type=int, default=SFT_SPLITS["val"], help="held-out questions (default: %(default)s)")
+        ft.add_argument("--r", "--rank", dest="r", type=int, default=LoRAConfig.r, help="LoRA rank (default: %(default)s)")
+        ft.add_argument("--alpha", type=float, default=LoRAConfig.alpha, help="LoRA alpha; scaling = alpha / r "
+                        "(default: %(default)s)")
+        ft.add_argument("--lora-dropout", type=float, default=LoRAConfig.dropout, help="dropout on the LoRA input "
+                        "(default: %(default)s)")
+        ft.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+        ft.add_argument("--targets", default=",".join(LoRAConfig().targets),
+                        help="comma-separated names of the linear layers to adapt (default: %(default)s)")
+        ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-3 for LoRA, "
+                                                               "1e-3 for --full)")
+        add_dataclass_flags(ft, TrainConfig, skip=("lr",), defaults=finetune_defaults(full=False))
+        ft.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+        ft.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+        ft.add_argument("--overwrite", action="store_true", help="delete what --run-dir holds and start again")
+        ft.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+
+    cmp = sub.add_parser("compare", help="measure LoRA against its base, merged, and full fine-tuning",
+                         description="Exact match of base / LoRA unmerged / merged / merge_and_unload / full "
+                                     "fine-tune; merged vs unmerged logits (fp32 and float64) and greedy answers; "
+                                     "latency, file sizes, step time and memory; a rank sweep. Writes "
+                                     "compare.json and PNG plots into the LoRA run folder and prints a table.")
+    cmp.add_argument("--lora", default="runs/lora", help="a LoRA run folder (default: runs/lora)")
+    cmp.add_argument("--full", default="runs/full", help="a full fine-tune folder, or 'none' (default: runs/full)")
+    cmp.add_argument("--sweep-ranks", default="1,2,4,8,16,32",
+                     help="ranks to train at the same budget for the rank sweep ('' for none; default: %(default)s)")
+    cmp.add_argument("--latency-tokens", type=int, default=64, help="tokens generated per latency measurement")
+    cmp.add_argument("--repeats", type=int, default=7, help="repeats of each timing (median reported)")
+    cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    mer = sub.add_parser("merge", help="fold a LoRA adapter into its base: a standalone model folder",
+                         description="Load the base named by the LoRA run, add scaling * B @ A into each adapted "
+                                     "weight (in fp32), put plain Linear layers back and write a model folder that "
+                                     "`microlm sample` loads and `microlm finetune --base` starts from.")
+    mer.add_argument("--adapter", default="runs/lora", help="a LoRA run folder (default: runs/lora)")
+    mer.add_argument("--base", default=None, help="its base model folder (default: the one the run names)")
+    mer.add_argument("--out", default="runs/lora-merged", help="output model folder (default: runs/lora-merged)")
+    mer.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+
     rep = sub.add_parser("report", help="print a run's results as a markdown table (for the README)",
                          description="Read summary.json of a finished run and print its results as markdown.")
     rep.add_argument("--run-dir", default="runs/pretrain", help="a finished run folder (default: runs/pretrain)")
@@ -120,38 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- pretrain ----------------------------------------------------------------------------------
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    holds_run = (run_dir / "config.json").exists() or (run_dir / "checkpoint").exists()
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; pick one")
-    if resume and not holds_run:
-        raise UsageError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
-    if holds_run and not (resume or overwrite):
-        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                         "replace it, or choose another --run-dir")
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def provenance(seed: int) -> dict:
-    import numpy
-    import tiktoken
-    import torch
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"seed": seed, "git_commit": commit, "python": platform.python_version(), "microlm": __version__,
-            "torch": torch.__version__, "numpy": numpy.__version__, "tiktoken": tiktoken.__version__,
-            "machine": platform.processor() or platform.machine(), "argv": sys.argv[1:]}
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cmd_pretrain(args) -> int:
@@ -247,10 +274,6 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples, seed) -> None:
     from .evaluate import sample_texts, story_validity
     from .plots import plot_pretrain_loss
@@ -286,29 +309,15 @@ def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples,
 # ---- sample ------------------------------------------------------------------------------------
 
 
-def load_run(run_dir: str | Path, device="cpu"):
-    """(model, tokenizer, config dict) of a finished run, or of its last checkpoint if it was interrupted."""
-    run_dir = Path(run_dir)
-    config = load_json(run_dir / "config.json", "run config (is this a microlm run folder?)")
-    try:
-        model_cfg = GPTConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir / 'config.json'}: bad model config: {e}") from None
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
-    model = GPT(model_cfg)
-    weights = run_dir / "model.safetensors"
-    if not weights.exists() and (run_dir / "checkpoint" / "model.safetensors").exists():
-        weights = run_dir / "checkpoint" / "model.safetensors"
-        print(f"note: {run_dir} has no final weights; using its last checkpoint", file=sys.stderr)
-    load_weights(weights, model)
-    return model.to(device).eval(), tokenizer, config
-
-
 def cmd_sample(args) -> int:
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     from .evaluate import sample_texts
-    model, tokenizer, config = load_run(args.run_dir, pick_device(args.device))
+    if args.adapter:
+        from .finetune import load_lora_run
+        model, tokenizer, config, _ = load_lora_run(args.adapter, pick_device(args.device), args.run_dir)
+    else:
+        model, tokenizer, config = load_run(args.run_dir or "runs/pretrain", pick_device(args.device))
     world = World.from_dict(config["data"]["world"]) if config["data"].get("kind") == "stories" else None
     for text in sample_texts(model, tokenizer, args.n, args.temperature, args.top_k, args.top_p, args.seed,
                              prompt=args.prompt):
@@ -344,6 +353,61 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ---- fine-tuning -------------------------------------------------------------------------------
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import run_finetune
+    full = getattr(args, "full", False)
+    cfg = from_args(TrainConfig, argparse.Namespace(**{**vars(args), "lr": args.lr or finetune_defaults(full).lr}))
+    if args.n_train < 1 or args.n_val < 1:
+        raise UsageError("--n-train and --n-val must be >= 1")
+    if args.sft_val and not args.sft_data:
+        raise UsageError("--sft-val needs --sft-data (the built-in question set has its own held-out split)")
+    lora = None
+    if not full:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+        if args.r < 1:
+            raise UsageError(f"--r must be >= 1 (a LoRA rank), got {args.r}")
+        lora = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, use_rslora=args.use_rslora,
+                          targets=targets)
+    run_dir = args.run_dir or ("runs/full" if full else "runs/lora")
+    run_finetune(args.base, run_dir, lora, cfg, sft_data=args.sft_data, sft_val=args.sft_val,
+                 data_dir=args.data_dir, sizes={"train": args.n_train, "val": args.n_val},
+                 device=pick_device(args.device), resume=args.resume, overwrite=args.overwrite,
+                 progress=not args.no_progress)
+    print(f"wrote   {run_dir}/: " + ("adapter/, " if lora else "model.safetensors, tokenizer.json, ")
+          + "config.json, metrics.jsonl, answers.jsonl, loss.png, summary.json")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_table, run_compare
+    try:
+        ranks = [int(r) for r in args.sweep_ranks.split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--sweep-ranks must be comma-separated integers, got {args.sweep_ranks!r}") from None
+    if args.latency_tokens < 1 or args.repeats < 1:
+        raise UsageError("--latency-tokens and --repeats must be >= 1")
+    full = None if args.full.lower() == "none" else args.full
+    if full and not Path(full).is_dir():
+        raise UsageError(f"--full {full}: no such folder; run `microlm finetune --full` first, or pass --full none")
+    res = run_compare(args.lora, full, sweep_ranks=ranks, latency_tokens=args.latency_tokens, repeats=args.repeats,
+                      progress=not args.no_progress)
+    print(compare_table(res))
+    print(f"wrote   {args.lora}/compare.json, param_counts.png, finetune_loss.png, "
+          + ("rank_sweep.png, " if ranks else "") + "latency.png")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .finetune import merge_adapter
+    out = merge_adapter(args.adapter, args.out, args.base, args.overwrite)
+    print(f"wrote   {out}/: model.safetensors, config.json, tokenizer.json (a plain model: "
+          f"`microlm sample --run-dir {out}`)")
+    return 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -355,14 +419,15 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
-    commands = {"pretrain": cmd_pretrain, "sample": cmd_sample, "report": cmd_report}
+    commands = {"pretrain": cmd_pretrain, "sample": cmd_sample, "report": cmd_report, "finetune": cmd_finetune,
+                "lora-finetune": cmd_finetune, "compare": cmd_compare, "merge": cmd_merge}
     try:
         return commands[args.command](args)
     except TrainingInterrupted as e:
         print(f"\ninterrupted: checkpoint saved at step {e.step}; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
-    except (UsageError, CorpusError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (UsageError, CorpusError, CheckpointError, SFTDataError, TrainingDiverged, ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("MICROLM_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -50,3 +52,60 @@ def sample_texts(model, tokenizer, n: int, temperature: float = 1.0, top_k: int 
 def story_validity(world: World, texts: list[str]) -> float:
     """Fraction of texts that are stories the world can tell (a finite log-probability)."""
     return sum(is_valid(world, t) for t in texts) / len(texts)
+
+
+# ---- fine-tuning: exact match, merged vs unmerged ----------------------------------------------
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 12, batch_size: int = 64) -> list[str]:
+    """The greedy continuation of `<|endoftext|> prompt` for each prompt, up to the end token or a newline.
+    Prompts of equal token length are batched together, so no padding can change an answer."""
+    device = next(model.parameters()).device
+    encoded = [[tokenizer.eot_id] + tokenizer.encode_ordinary(p) for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    out = [""] * len(prompts)
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            rows = group[start: start + batch_size]
+            x = torch.tensor([encoded[i] for i in rows], device=device)
+            for i, ids in zip(rows, generate(model, x, max_new_tokens, temperature=0.0, eot_id=tokenizer.eot_id)):
+                out[i] = tokenizer.decode(ids).split("\n")[0]
+    return out
+
+
+def exact_match(answers: list[str], examples: list[dict]) -> float:
+    """Fraction of answers equal to the reference response (surrounding spaces ignored)."""
+    return sum(a.strip() == ex["response"].strip() for a, ex in zip(answers, examples)) / len(examples)
+
+
+@torch.no_grad()
+def logits_of(model, batches) -> list[torch.Tensor]:
+    """Logits at every real (non-padding) position: batches is a list of (inputs (B, T), lengths (B,))."""
+    model.eval()
+    out = []
+    for x, lengths in batches:
+        logits = model(x.to(next(model.parameters()).device)).cpu()
+        out += [row[:n] for row, n in zip(logits, lengths)]
+    return out
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@torch.no_grad()
+def per_token_latency(models: dict, prompt: torch.Tensor, n_tokens: int = 64, repeats: int = 7) -> dict:
+    """Seconds per generated token (batch 1, KV cache, greedy) for each model, measured side by side:
+    the models take turns in every repeat, so drifts of the machine hit them all alike. Median and spread."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name, m in models.items():  # warm-up
+        generate(m, prompt, 4, temperature=0.0)
+    for _ in range(repeats):
+        for name, m in models.items():
+            t = time.perf_counter()
+            generate(m, prompt, n_tokens, temperature=0.0)
+            times[name].append((time.perf_counter() - t) / n_tokens)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)} for name, ts in times.items()}

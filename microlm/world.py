@@ -44,6 +44,8 @@ class World:
     cast_size: int = 3  # people per story; each starts with one object of a distinct kind
     stop_prob: float = 0.25  # after each event, the story ends with this probability ...
     max_events: int = 20  # ... and always after this many events (keeps stories inside the context)
+    pronouns: bool = True  # a sentence whose subject is the previous sentence's says "She"/"He"
+    takes: bool = True  # "X takes the K from Y." is an action (else only goes/gives)
 
     def __post_init__(self):
         words = self.female_names + self.male_names + self.places + self.colours + self.kinds
@@ -111,11 +113,11 @@ def _tell(world: World, d) -> StoryState:
 
     subject = s.cast[-1]  # a sentence whose subject is the previous sentence's says "She"/"He"
     while True:
-        who = [world.pronoun(p) if p == subject else p for p in s.cast]
+        who = [world.pronoun(p) if p == subject and world.pronouns else p for p in s.cast]
         actor = s.cast[d.choose([w + " " for w in who])]
         held = [k for k in s.holder if s.holder[k] == actor]
         others = [k for k in s.holder if s.holder[k] != actor]
-        actions = ["goes to the "] + ["gives the "] * bool(held) + ["takes the "] * bool(others)
+        actions = ["goes to the "] + ["gives the "] * bool(held) + ["takes the "] * bool(others and world.takes)
         action = actions[d.choose(actions)]
         if action == "goes to the ":  # "She goes to the beach."
             places = [p for p in world.places if p != s.place_of[actor]]

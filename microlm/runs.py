@@ -1,0 +1,90 @@
+"""Run folders: what they hold, how a trained model is loaded from one, and what produced it.
+
+A *model folder* holds everything needed to use a model, and nothing that can run code:
+
+    config.json        {"model": GPTConfig, "data": what it was trained on, "tokenizer": ..., "provenance": ...}
+    tokenizer.json     the tokenizer (tokenizer.py)
+    model.safetensors  the weights
+
+`microlm pretrain`, `microlm finetune --full` and `microlm merge` all write model folders, so each can be
+the base of a later fine-tune. A LoRA run folder holds `adapter/` instead of the weights, and its
+config.json names the model folder it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import CheckpointError, load_json, load_weights
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
+
+
+class UsageError(ValueError):
+    """A command-line request that cannot be carried out as given; the message says what to change."""
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless told to continue (--resume) or replace (--overwrite)."""
+    run_dir = Path(run_dir)
+    holds_run = (run_dir / "config.json").exists() or (run_dir / "checkpoint").exists()
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one")
+    if resume and not holds_run:
+        raise UsageError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
+    if holds_run and not (resume or overwrite):
+        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                         "replace it, or choose another --run-dir")
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def provenance(seed: int) -> dict:
+    """What produced a run: seed, git commit, versions, machine and command line."""
+    import numpy
+    import tiktoken
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"seed": seed, "git_commit": commit, "python": platform.python_version(), "microlm": __version__,
+            "torch": torch.__version__, "numpy": numpy.__version__, "tiktoken": tiktoken.__version__,
+            "machine": platform.processor() or platform.machine(), "argv": sys.argv[1:]}
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_run(run_dir: str | Path, device="cpu"):
+    """(model, tokenizer, config dict) of a model folder, or of its last checkpoint if the run was interrupted."""
+    run_dir = Path(run_dir)
+    config = load_json(run_dir / "config.json", "run config (is this a microlm model folder?)")
+    if "model" not in config:
+        hint = f" (it is a LoRA run: its base is {config['base']})" if "base" in config else ""
+        raise CheckpointError(f"{run_dir / 'config.json'}: no model config; this is not a model folder{hint}")
+    try:
+        model_cfg = GPTConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / 'config.json'}: bad model config: {e}") from None
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    model = GPT(model_cfg)
+    weights = run_dir / "model.safetensors"
+    if not weights.exists() and (run_dir / "checkpoint" / "model.safetensors").exists():
+        weights = run_dir / "checkpoint" / "model.safetensors"
+        print(f"note: {run_dir} has no final weights; using its last checkpoint", file=sys.stderr)
+    load_weights(weights, model)
+    return model.to(device).eval(), tokenizer, config

@@ -1,0 +1,134 @@
+"""The LoRA stage end to end, in a tiny setting: lora-finetune, finetune --full, merge, sample --adapter,
+compare; and their errors."""
+
+import json
+
+import pytest
+import torch
+
+from microlm.cli import main
+from microlm.finetune import load_lora_run
+from microlm.lora import lora_layers
+from microlm.runs import load_run
+
+PRETRAIN = ["--n-train", "300", "--n-val", "20", "--max-steps", "4", "--eval-every", "2", "--batch-size", "4",
+            "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--n-samples", "0", "--no-progress"]
+FINETUNE = ["--n-train", "40", "--n-val", "10", "--max-steps", "3", "--eval-every", "2", "--batch-size", "4",
+            "--r", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    assert main(["pretrain", "--run-dir", str(root / "base"), "--data-dir", str(root / "data"), *PRETRAIN]) == 0
+    common = ["--base", str(root / "base"), "--data-dir", str(root / "data"), *FINETUNE]
+    assert main(["lora-finetune", "--run-dir", str(root / "lora"), *common]) == 0
+    assert main(["finetune", "--full", "--run-dir", str(root / "full"), *common]) == 0
+    return root
+
+
+def test_lora_finetune_writes_an_adapter_of_a_and_b_only(runs):
+    for name in ("config.json", "metrics.jsonl", "answers.jsonl", "loss.png", "summary.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (runs / "lora" / name).is_file(), name
+    adapter = json.loads((runs / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["targets"] == sorted(["q_proj", "k_proj", "v_proj", "output_proj"])
+    summary = json.loads((runs / "lora" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["trainable_params"] < summary["total_params"]
+    assert 0 <= summary["accuracy"] <= 1 and summary["n_val"] == 10
+
+
+def test_training_moved_every_b_away_from_zero(runs):
+    model, _, _, _ = load_lora_run(runs / "lora")
+    for name, layer in lora_layers(model).items():
+        assert layer.lora_B.weight.abs().max() > 0, name
+
+
+def test_merge_writes_a_plain_model_with_the_adapters_function(runs):
+    assert main(["merge", "--adapter", str(runs / "lora"), "--out", str(runs / "merged")]) == 0
+    merged, tok, _ = load_run(runs / "merged")
+    assert not lora_layers(merged)
+    lora, _, _, _ = load_lora_run(runs / "lora")
+    base, _, _ = load_run(runs / "base")
+    x = torch.tensor([[tok.eot_id] + tok.encode("Ann is at the park with a red ball.")])
+    with torch.no_grad():
+        assert torch.allclose(merged(x), lora(x), atol=1e-5)  # fp32 rounding only
+        assert not torch.allclose(merged(x), base(x), atol=1e-4)  # and the adapter did change the model
+
+
+def test_a_merged_model_and_a_full_fine_tune_are_bases_for_another_fine_tune(runs):
+    for base in ("merged", "full"):
+        if not (runs / base).exists():
+            main(["merge", "--adapter", str(runs / "lora"), "--out", str(runs / "merged")])
+        assert main(["lora-finetune", "--base", str(runs / base), "--run-dir", str(runs / f"again-{base}"),
+                     "--data-dir", str(runs / "data"), *FINETUNE]) == 0
+
+
+def test_sample_through_an_unmerged_adapter(runs, capsys):
+    assert main(["sample", "--adapter", str(runs / "lora"), "--n", "2", "--prompt", "Ann is at the"]) == 0
+    assert len(capsys.readouterr().out.strip().split("\n")) == 2
+
+
+def test_same_seed_gives_bit_identical_adapters_and_full_weights(runs, tmp_path):
+    common = ["--base", str(runs / "base"), "--data-dir", str(runs / "data"), *FINETUNE]
+    assert main(["lora-finetune", "--run-dir", str(tmp_path / "lora"), *common]) == 0
+    assert main(["finetune", "--full", "--run-dir", str(tmp_path / "full"), *common]) == 0
+    for name in ("lora/adapter/adapter_model.safetensors", "full/model.safetensors"):
+        assert (tmp_path / name).read_bytes() == (runs / name).read_bytes(), name
+
+
+def test_compare_measures_merged_against_unmerged(runs, capsys):
+    assert main(["compare", "--lora", str(runs / "lora"), "--full", str(runs / "full"), "--sweep-ranks", "1,2",
+                 "--latency-tokens", "4", "--repeats", "1", "--no-progress"]) == 0
+    res = json.loads((runs / "lora" / "compare.json").read_text())
+    assert set(res["accuracy"]) == {"base", "lora_unmerged", "lora_merged", "merge_and_unload", "full_finetune"}
+    assert res["max_abs_logit_diff_fp32"] <= 1e-4
+    assert res["max_abs_logit_diff_fp64"] <= 1e-9
+    assert [p["r"] for p in res["rank_sweep"]] == [1, 2]
+    assert res["trainable_params"]["lora"] < res["trainable_params"]["full"]
+    assert res["files"]["adapter_bytes"] < res["files"]["model_bytes"]
+    for name in ("param_counts.png", "finetune_loss.png", "rank_sweep.png", "latency.png"):
+        assert (runs / "lora" / name).is_file(), name
+    assert "greedy answers identical" in capsys.readouterr().out
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+def test_a_malformed_sft_line_is_named(runs, tmp_path, capsys):
+    bad = tmp_path / "my.jsonl"
+    bad.write_text('{"prompt": "Q: hi\\nA:", "response": " yes"}\n{"prompt": "no response"}\n')
+    assert main(["lora-finetune", "--base", str(runs / "base"), "--run-dir", str(tmp_path / "r"),
+                 "--sft-data", str(bad), *FINETUNE]) == 2
+    assert f"{bad}, line 2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing half-made
+
+
+def test_examples_longer_than_the_context_are_skipped_and_counted(runs, tmp_path, capsys):
+    data = tmp_path / "my.jsonl"
+    lines = [{"prompt": f"Ann is at the park. Q{i}: Where is Ann?\nA:", "response": " at the park"} for i in range(9)]
+    lines.append({"prompt": "Ann goes to the park. " * 200 + "\nA:", "response": " park"})
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["lora-finetune", "--base", str(runs / "base"), "--run-dir", str(tmp_path / "r"),
+                 "--sft-data", str(data), *FINETUNE]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 training and 0 held-out examples longer than the context" in out or \
+           "skipped 0 training and 1 held-out examples longer than the context" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--targets", "q_proj,qkv"], "unknown LoRA target(s) ['qkv']; the model's linear layers are"),
+    (["--r", "64"], "LoRA rank r must be in [1, 16]"),
+    (["--r", "0"], "--r must be >= 1"),
+    (["--lr", "-1"], "--lr=-1.0 is out of range (> 0)"),
+])
+def test_bad_lora_settings_are_refused_with_the_valid_range(runs, tmp_path, capsys, flags, message):
+    assert main(["lora-finetune", "--base", str(runs / "base"), "--run-dir", str(tmp_path / "r"),
+                 "--data-dir", str(runs / "data"), *FINETUNE, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_adapter_is_refused_on_another_base(runs, capsys):
+    assert main(["merge", "--adapter", str(runs / "lora"), "--base", str(runs / "full"),
+                 "--out", str(runs / "wrong")]) == 2
+    assert "trained on another base model" in capsys.readouterr().err
