@@ -1,4 +1,4 @@
-# microlm: `make pretrain`, `make test`. Each target builds .venv first if it is missing.
+# microlm: `make pretrain`, `make lora-finetune`, `make test`. Each target builds .venv first if it is missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv pretrain sample test clean
+.PHONY: help venv pretrain lora-finetune sample test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ pretrain: $(STAMP) ## build the story corpus, train the tokenizer and the GPT in
 	  echo "runs/pretrain is already trained (make pretrain ARGS=--overwrite trains it again)"; \
 	else $(VENV)/bin/microlm pretrain $(ARGS); fi
 
+lora-finetune: $(STAMP) ## LoRA r=8 on the question set, the full fine-tune baseline, and their comparison (runs/lora, runs/full)
+	@test -f runs/pretrain/model.safetensors || $(MAKE) --no-print-directory pretrain
+	@if [ -f runs/lora/compare.json ] && [ -z "$(ARGS)" ]; then \
+	  echo "runs/lora is already compared (make lora-finetune ARGS=--overwrite runs it again)"; \
+	else $(VENV)/bin/microlm lora-finetune $(ARGS) \
+	  && $(VENV)/bin/microlm finetune --full $(ARGS) \
+	  && $(VENV)/bin/microlm compare; fi
+
 sample: $(STAMP) ## print five stories sampled from runs/pretrain, each scored by the world
 	$(VENV)/bin/microlm sample --run-dir runs/pretrain $(ARGS)
 
@@ -32,4 +40,4 @@ test: $(STAMP) ## run the test suite
 	$(PY) -m pytest
 
 clean: ## delete runs/ and the generated corpus (keeps .venv)
-	rm -rf runs data/train.txt data/val.txt data/stats.json
+	rm -rf runs data/train.txt data/val.txt data/stats.json data/sft_*.jsonl data/sft_stats.json

@@ -46,7 +46,7 @@ def finetune_defaults(full: bool) -> TrainConfig:
     """The fine-tuning budget: the same steps and batch for LoRA and full fine-tuning. Each gets the
     learning rate that suits it: the adapter starts at zero and needs a larger step than weights that
     are already trained."""
-    return TrainConfig(max_steps=300, batch_size=32, lr=1e-3 if full else 5e-3, warmup_steps=30, weight_decay=0.0,
+    return TrainConfig(max_steps=200, batch_size=16, lr=1e-3 if full else 5e-3, warmup_steps=30, weight_decay=0.0,
                        eval_every=50, checkpoint_every=100)
 
 

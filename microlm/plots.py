@@ -111,12 +111,12 @@ def plot_rank_sweep(points: list[dict], full_accuracy: float | None, path: str |
 
 def plot_latency(latency: dict[str, dict], path: str | Path) -> None:
     """Per-token generation latency (median, with min-max whiskers) of base, merged and unmerged."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     names = list(latency)
     med = [1e3 * latency[n]["median_s"] for n in names]
     err = [[m - 1e3 * latency[n]["min_s"] for n, m in zip(names, med)],
            [1e3 * latency[n]["max_s"] - m for n, m in zip(names, med)]]
-    ax.bar(names, med, yerr=err, capsize=4, color=["C7", "C0", "C1", "C2"][: len(names)])
+    ax.bar([n.replace("_", " ") for n in names], med, yerr=err, capsize=4, color=["C7", "C0", "C1", "C2"][: len(names)])
     for i, m in enumerate(med):
         ax.annotate(f"{m:.2f} ms\n({m / med[0]:.2f}x)", (i, m), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 4), textcoords="offset points")
