@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import load_json, save_json
 from .evaluate import logits_of, max_abs_diff, per_token_latency
-from .finetune import (LoRAConfig, accuracy, fitting, fixed_batches, load_lora_run, lora_config_from_dict,
+from .finetune import (accuracy, fitting, fixed_batches, load_lora_run, lora_config_from_dict,
                        prepare_model, read_sft_jsonl, run_finetune, sft_batch, split_user_examples, training_memory)
 from .lora import lora_layers, merge_and_unload, merge_lora
 from .runs import load_run
@@ -87,7 +87,9 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     lora_dir = Path(lora_dir)
     out_dir = Path(out_dir or lora_dir)
     run_config = load_json(lora_dir / "config.json", "LoRA run config")
-    lora_cfg = lora_config_from_dict(run_config["lora"] or {})
+    if run_config.get("kind") != "lora":
+        raise ValueError(f"{lora_dir} is not a LoRA run (no adapter); pass the folder `microlm lora-finetune` wrote")
+    lora_cfg = lora_config_from_dict(run_config["lora"])
     model, tokenizer, _, _ = load_lora_run(lora_dir)
     base, _, _ = load_run(run_config["base"])
     examples, encoded, _ = fitting(tokenizer, heldout_examples(run_config), model.config.context_length)

@@ -132,3 +132,8 @@ def test_an_adapter_is_refused_on_another_base(runs, capsys):
     assert main(["merge", "--adapter", str(runs / "lora"), "--base", str(runs / "full"),
                  "--out", str(runs / "wrong")]) == 2
     assert "trained on another base model" in capsys.readouterr().err
+
+
+def test_compare_on_a_folder_that_is_not_a_lora_run_says_so(runs, capsys):
+    assert main(["compare", "--lora", str(runs / "full"), "--full", "none"]) == 2
+    assert "is not a LoRA run" in capsys.readouterr().err
