@@ -27,7 +27,7 @@ from .data import (CorpusError, build_story_corpus, document_rows, encode_docume
                    split_text_corpus, stream_rows, window_batch)
 from .finetune import SFT_SPLITS, LoRAConfig, finetune_defaults
 from .model import GPT, GPTConfig, pick_device
-from .runs import UsageError, load_run, prepare_run_dir, provenance, sha256_file, sha256_text
+from .runs import UsageError, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file, sha256_text
 from .sft import SFTDataError
 from .tokenizer import EOT, Tokenizer, train_bpe
 from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, read_metrics, train
@@ -301,6 +301,7 @@ def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples,
     for line in lines[:3]:
         print("        " + line)
     plot_pretrain_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", bound)
+    result["peak_rss_mib"] = peak_rss_mib()  # the whole command: data, tokenizer, training, sampling
     save_json(run_dir / "summary.json", result)
     print(f"wrote   {run_dir}/: model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss.png, "
           "samples.txt, summary.json")

@@ -242,7 +242,7 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     from .checkpoint import save_weights
     from .lora import base_fingerprint, parameter_report, save_adapter
     from .plots import plot_finetune_loss
-    from .runs import load_run, prepare_run_dir, provenance
+    from .runs import load_run, peak_rss_mib, prepare_run_dir, provenance
     from .train import read_metrics, train
     run_dir, kind = Path(run_dir), "lora" if lora else "full"
     model, tokenizer, base_config = load_run(base_dir, device)
@@ -296,7 +296,7 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
               "val_loss": summary["val_loss"], "steps": summary["steps"], "train_seconds": summary["train_seconds"],
               "step_seconds": summary["train_seconds"] / max(1, summary["steps"]),
               "trainable_params": n_trainable, "total_params": sum(p.numel() for p in model.parameters()),
-              "n_train": len(train_ex), "n_val": len(val_ex)}
+              "n_train": len(train_ex), "n_val": len(val_ex), "peak_rss_mib": peak_rss_mib()}
     save_text(run_dir / "answers.jsonl", "".join(
         json.dumps({"prompt": ex["prompt"], "reference": ex["response"], "answer": a, "base_answer": b}) + "\n"
         for ex, a, b in zip(val_ex, answers, base_answers)))

@@ -18,12 +18,25 @@ import platform
 import shutil
 import subprocess
 import sys
+
+try:
+    import resource  # Unix only
+except ImportError:  # pragma: no cover (Windows)
+    resource = None
 from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError, load_json, load_weights
 from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (None where the OS does not say)."""
+    if resource is None:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 class UsageError(ValueError):

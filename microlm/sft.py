@@ -2,7 +2,7 @@
 
 An example is a prompt (a story and a question) and a response (the exact answer):
 
-    prompt:   "Ann is at the park with a red ball. ... Tom takes the ball from Ann.\\nQ: Who has the red ball?\\nA:"
+    prompt:   "Ann is at the park with a red ball. ... The ball passes from Ann to Tom.\\nQ: Who has the red ball?\\nA:"
     response: " Tom"
 
 Its tokens are `<|endoftext|> prompt response <|endoftext|>`. The loss is taken only where the

@@ -24,6 +24,7 @@ of another: the parser never needs to look ahead.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import random
 from dataclasses import dataclass, field, fields
@@ -44,8 +45,7 @@ class World:
     cast_size: int = 3  # people per story; each starts with one object of a distinct kind
     stop_prob: float = 0.25  # after each event, the story ends with this probability ...
     max_events: int = 20  # ... and always after this many events (keeps stories inside the context)
-    pronouns: bool = True  # a sentence whose subject is the previous sentence's says "She"/"He"
-    takes: bool = True  # "X takes the K from Y." is an action (else only goes/gives)
+    pronouns: bool = True  # a move by the last person named says "She"/"He" instead of the name
 
     def __post_init__(self):
         words = self.female_names + self.male_names + self.places + self.colours + self.kinds
@@ -71,11 +71,13 @@ class World:
         return "She" if name in self.female_names else "He"
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        # "grammar" fingerprints the story program itself, so files written by an older grammar with
+        # the same settings are never mistaken for current ones (data.build_story_corpus compares it).
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "grammar": grammar_fingerprint()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "World":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "grammar"})
 
 
 @dataclass
@@ -93,51 +95,57 @@ class StoryState:
 def _tell(world: World, d) -> StoryState:
     """The story program. `d` is a driver with `emit(text)` and `choose(options, probs=None) -> index`."""
     s = StoryState()
-    # The cast and their objects are introduced in alphabetical order: no name or kind can repeat, and
-    # checking that needs only the previous sentence.
+    # Everyone starts at one place: "At the park, Ann has a red ball, Mia has a blue cup and Tom has a
+    # pink key." The cast and their objects come in alphabetical order: no name or kind can repeat, and
+    # checking that needs only the previous one.
+    d.emit("At the ")
+    start = world.places[d.choose([p + ", " for p in world.places])]
     order, kinds = sorted(world.names), sorted(world.kinds)
-    for slot in range(world.cast_size):  # "Ann is at the park with a red ball. "
+    last = world.cast_size - 1
+    for slot in range(world.cast_size):
         first = order.index(s.cast[-1]) + 1 if s.cast else 0
-        free = order[first: len(order) - (world.cast_size - 1 - slot)]  # leave room for the rest
-        name = free[d.choose([n + " " for n in free])]
-        d.emit("is at the ")
-        s.place_of[name] = world.places[d.choose([p + " " for p in world.places])]
-        d.emit("with a ")
+        free = order[first: len(order) - (last - slot)]  # leave room for the rest
+        name = free[d.choose([n + " has a " for n in free])]
         colour = world.colours[d.choose([c + " " for c in world.colours])]
         first = kinds.index(list(s.holder)[-1]) + 1 if s.holder else 0
-        free_kinds = kinds[first: len(kinds) - (world.cast_size - 1 - slot)]  # objects too, in order
-        kind = free_kinds[d.choose([k + "." for k in free_kinds])]
+        free_kinds = kinds[first: len(kinds) - (last - slot)]
+        end = "." if slot == last else " and " if slot == last - 1 else ", "
+        kind = free_kinds[d.choose([k + end for k in free_kinds])]
         s.cast.append(name)
+        s.place_of[name] = start
         s.colour_of[kind], s.holder[kind] = colour, name
-        d.emit(" ")
+    d.emit(" ")
 
-    subject = s.cast[-1]  # a sentence whose subject is the previous sentence's says "She"/"He"
+    # Every event restates the state it changes ("from the park", "from Tom"), so writing it correctly
+    # needs one look-up of the story so far: where the person went last, who got the object last.
+    focus = None  # the person the last event ended on; a move by them says "She"/"He"
     while True:
-        who = [world.pronoun(p) if p == subject and world.pronouns else p for p in s.cast]
-        actor = s.cast[d.choose([w + " " for w in who])]
-        held = [k for k in s.holder if s.holder[k] == actor]
-        others = [k for k in s.holder if s.holder[k] != actor]
-        actions = ["goes to the "] + ["gives the "] * bool(held) + ["takes the "] * bool(others and world.takes)
-        action = actions[d.choose(actions)]
-        if action == "goes to the ":  # "She goes to the beach."
+        movers = [world.pronoun(p) if p == focus and world.pronouns else p for p in s.cast]
+        options = [f"{w} goes from the " for w in movers] + [f"The {k} passes from " for k in s.holder]
+        i = d.choose(options)
+        if i < len(s.cast):  # "She goes from the park to the beach."
+            actor = focus = s.cast[i]
+            d.emit(s.place_of[actor] + " to the ")
             places = [p for p in world.places if p != s.place_of[actor]]
             s.place_of[actor] = places[d.choose([p + "." for p in places])]
-        elif action == "gives the ":  # "Tom gives the ball to Ann."
-            kind = held[d.choose([f"{k} to " for k in held])]
-            receivers = [p for p in s.cast if p != actor]
-            s.holder[kind] = receivers[d.choose([p + "." for p in receivers])]
-            s.gifts.append((actor, kind, s.holder[kind]))
-        else:  # "Ann takes the ball from Tom."
-            kind = others[d.choose([f"{k} from " for k in others])]
-            d.emit(s.holder[kind] + ".")
-            s.holder[kind] = actor
-        subject = actor
+        else:  # "The ball passes from Tom to Ann."
+            kind = list(s.holder)[i - len(s.cast)]
+            giver = s.holder[kind]
+            d.emit(giver + " to ")
+            receivers = [p for p in s.cast if p != giver]
+            s.holder[kind] = focus = receivers[d.choose([p + "." for p in receivers])]
+            s.gifts.append((giver, kind, s.holder[kind]))
         s.n_events += 1
         if s.n_events == world.max_events:
             d.choose([NEWLINE])
             return s
         if d.choose([" ", NEWLINE], (1 - world.stop_prob, world.stop_prob)) == 1:
             return s
+
+
+def grammar_fingerprint() -> str:
+    """A short hash of `_tell`'s source: it changes whenever the story program does."""
+    return hashlib.blake2b(inspect.getsource(_tell).encode(), digest_size=6).hexdigest()
 
 
 # ---- drivers -----------------------------------------------------------------------------------

@@ -13,16 +13,16 @@ from microlm.tokenizer import EOT, Tokenizer, train_bpe
 from microlm.train import masked_loss
 from microlm.world import World, generate_splits, parse
 
-STORY = ("Ann is at the park with a red ball. Mia is at the shop with a blue cup. Tom is at the beach with a "
-         "pink hat. Ann gives the ball to Tom. Tom goes to the shop. He takes the cup from Mia. Mia takes the ball from Tom.")
+STORY = ("At the beach, Ann has a red ball, Mia has a blue cup and Tom has a pink hat. The ball passes from Ann "
+         "to Tom. He goes from the beach to the shop. The cup passes from Mia to Tom. The ball passes from Tom to Mia.")
 
 
 def test_answers_follow_the_state_across_sentences():
     _, state = parse(World(), STORY)
     qa = {q: a for _, q, a in questions(state)}
     assert qa["Who has the red ball?"] == " Mia"  # Ann -> Tom -> Mia
-    assert qa["Who has the blue cup?"] == " Tom"  # taken by "He"
-    assert qa["Where is Tom?"] == " at the shop"
+    assert qa["Who has the blue cup?"] == " Tom"
+    assert qa["Where is Tom?"] == " at the shop"  # moved as "He"
     assert qa["What did Ann give Tom?"] == " the red ball"
 
 

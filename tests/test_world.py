@@ -16,7 +16,7 @@ TINY = World(female_names=("Ann",), male_names=("Tom", "Sam"), places=("park", "
 
 def test_tiny_world_probabilities_sum_to_one_over_every_story():
     stories = [s for _, s in enumerate_stories(TINY)]
-    assert len(stories) > 1000
+    assert len(stories) > 400
     assert math.fsum(math.exp(s.log_prob) for s in stories) == pytest.approx(1.0, abs=1e-12)
 
 
@@ -41,8 +41,8 @@ def test_sampled_stories_parse_back_to_their_choices_and_probability():
 
 
 @pytest.mark.parametrize("edit", [
-    ("gives the", "takes the"),       # the verb no longer fits the object's holder
-    (" is at the", " is in the"),     # not the grammar
+    ("passes from", "goes from"),     # an object where a person belongs
+    (" has a ", " holds a "),         # not the grammar
     ("He ", "Tom "),                  # a name where the rule asks for a pronoun (or vice versa)
 ])
 def test_scorer_rejects_texts_that_break_grammar_or_state(edit):
@@ -53,29 +53,37 @@ def test_scorer_rejects_texts_that_break_grammar_or_state(edit):
     assert sum(is_valid(world, s) for s in broken) <= 0.1 * len(broken)  # a few edits stay valid by chance
 
 
-def test_giving_away_an_object_you_do_not_hold_is_invalid():
+def test_every_event_must_restate_the_state_it_changes():
     world = World()
-    intro = ("Ann is at the park with a red ball. Mia is at the beach with a pink cup. "
-             "Tom is at the shop with a blue hat.")
-    assert is_valid(world, intro + " Ann gives the ball to Tom.")
-    assert is_valid(world, intro + " He takes the ball from Ann.")
-    assert not is_valid(world, intro + " Tom gives the ball to Ann.")  # Ann holds it
-    assert not is_valid(world, intro + " Tom takes the ball from Mia.")  # Ann holds it
-    assert not is_valid(world, intro + " He goes to the shop.")  # he is already there
-    assert not is_valid(world, intro + " Tom goes to the park.")  # "He": Tom was the last subject
-    assert not is_valid(world, intro + " She goes to the park.")  # the previous subject is Tom
+    intro = "At the shop, Ann has a red ball, Mia has a pink cup and Tom has a blue hat."
+    assert is_valid(world, intro + " The ball passes from Ann to Tom.")
+    assert is_valid(world, intro + " Tom goes from the shop to the park.")
+    assert is_valid(world, intro + " Tom goes from the shop to the park. Ann goes from the shop to the beach.")
+    assert is_valid(world, intro + " The ball passes from Ann to Tom. The ball passes from Tom to Mia.")
+    assert not is_valid(world, intro + " The ball passes from Tom to Ann.")  # Ann holds it
+    assert not is_valid(world, intro + " The ball passes from Ann to Tom. The ball passes from Ann to Mia.")
+    assert not is_valid(world, intro + " The ball passes from Ann to Ann.")  # not to oneself
+    assert not is_valid(world, intro + " Tom goes from the park to the beach.")  # he is at the shop
+    assert not is_valid(world, intro + " Tom goes from the shop to the shop.")  # already there
+    assert not is_valid(world, intro + " He goes from the shop to the park.")  # no event yet: "He" is nobody
+    assert not is_valid(world, intro + " Tom goes from the shop to the park. Tom goes from the park to the beach.")
+    assert is_valid(world, intro + " Tom goes from the shop to the park. He goes from the park to the beach.")
+    assert not is_valid(world, intro + " Tom goes from the shop to the park. She goes from the park to the beach.")
+    # The receiver of an object becomes the one "She"/"He" refers to.
+    assert is_valid(world, intro + " The cup passes from Mia to Ann. She goes from the shop to the park.")
+    assert not is_valid(world, intro + " The cup passes from Mia to Ann. Ann goes from the shop to the park.")
     with pytest.raises(InvalidStory, match="char"):
-        parse(world, intro + " He gives the ball to Ann.")
+        parse(world, intro + " The hat passes from Ann to Mia.")
 
 
 def test_the_cast_and_their_objects_are_introduced_in_alphabetical_order():
     world = World()
-    assert is_valid(world, "Ann is at the park with a red ball. Mia is at the shop with a blue cup. "
-                           "Tom is at the beach with a pink hat. Mia goes to the park.")
-    assert not is_valid(world, "Tom is at the park with a red ball. Ann is at the beach with a pink cup. "
-                               "Mia is at the shop with a blue hat. Mia goes to the park.")
-    assert not is_valid(world, "Ann is at the park with a red hat. Mia is at the shop with a blue cup. "
-                               "Tom is at the beach with a pink ball. Mia goes to the park.")
+    assert is_valid(world, "At the park, Ann has a red ball, Mia has a blue cup and Tom has a pink hat. "
+                           "Mia goes from the park to the shop.")
+    assert not is_valid(world, "At the park, Tom has a red ball, Ann has a blue cup and Mia has a pink hat. "
+                               "Mia goes from the park to the shop.")
+    assert not is_valid(world, "At the park, Ann has a red hat, Mia has a blue cup and Tom has a pink ball. "
+                               "Mia goes from the park to the shop.")
     rng = random.Random(3)
     for _ in range(50):
         _, state = parse(world, sample_story(world, rng).text)
