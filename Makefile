@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv pretrain lora-finetune sample test clean
+.PHONY: help venv pretrain lora-finetune sample notebooks bench test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ lora-finetune: $(STAMP) ## LoRA r=8 on the question set, the full fine-tune base
 
 sample: $(STAMP) ## print five stories sampled from runs/pretrain, each scored by the world
 	$(VENV)/bin/microlm sample --run-dir runs/pretrain $(ARGS)
+
+notebooks: $(STAMP) ## re-execute the teaching notebooks in place (full setting; MICROLM_FAST=1 for a quick run)
+	$(PY) notebooks/build_notebooks.py --execute
+
+bench: $(STAMP) ## measure training, generation, LoRA and tokenizer speed side by side -> results/bench.json, results/bench.md (ARGS=--quick for a fast check)
+	$(PY) benchmarks/run.py $(ARGS)
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest

@@ -25,7 +25,7 @@ from .checkpoint import load_json, save_json, save_text
 from .data import IGNORE
 from .evaluate import exact_match, greedy_answers
 from .lora import DEFAULT_TARGETS, apply_lora_to_model
-from .sft import collate, encode_examples, make_sft_set, read_sft_jsonl
+from .sft import collate, encode_examples, make_sft_set, question_fingerprint, read_sft_jsonl
 from .train import TrainConfig, masked_loss
 from .world import World
 
@@ -46,8 +46,8 @@ def finetune_defaults(full: bool) -> TrainConfig:
     """The fine-tuning budget: the same steps and batch for LoRA and full fine-tuning. Each gets the
     learning rate that suits it: the adapter starts at zero and needs a larger step than weights that
     are already trained."""
-    return TrainConfig(max_steps=200, batch_size=16, lr=1e-3 if full else 5e-3, warmup_steps=30, weight_decay=0.0,
-                       eval_every=50, checkpoint_every=100)
+    return TrainConfig(max_steps=400, batch_size=16, lr=1e-3 if full else 5e-3, warmup_steps=30, weight_decay=0.0,
+                       eval_every=100, checkpoint_every=200)
 
 
 # ---- the question set on disk ------------------------------------------------------------------
@@ -58,7 +58,8 @@ def build_sft_data(data_dir: str | Path, world: World, sizes: dict[str, int], se
     with the same world, sizes and seed are there already. Returns the two paths."""
     data_dir = Path(data_dir)
     paths = {split: data_dir / f"sft_{split}.jsonl" for split in sizes}
-    recipe = json.loads(json.dumps({"world": world.to_dict(), "sizes": sizes, "seed": seed}))
+    recipe = json.loads(json.dumps({"world": world.to_dict(), "questions": question_fingerprint(), "sizes": sizes,
+                                    "seed": seed}))
     stats_path = data_dir / "sft_stats.json"
     if stats_path.is_file() and all(p.is_file() for p in paths.values()):
         if load_json(stats_path, "question-set stats").get("recipe") == recipe:

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+# A bare Figure, not pyplot: no global backend is switched (a notebook importing microlm keeps its
+# inline plots), no screen is needed, and nothing is left open in pyplot's figure registry.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no screen needed; the PNG is the product
-import matplotlib.pyplot as plt  # noqa: E402
+from .checkpoint import atomic_path
 
-from .checkpoint import atomic_path  # noqa: E402
+
+def _figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure and its axes, like plt.subplots."""
+    fig = Figure(figsize=kwargs.pop("figsize"))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _save(fig, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_pretrain_loss(metrics: list[dict], path: str | Path, bound_bpc: float | None = None) -> None:
     """Train and validation bits per character against tokens seen, with the corpus's entropy bound."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _figure(figsize=(7, 4.2))
     train = [m for m in metrics if "train_bpc" in m]
     if train:
         ax.plot([m["tokens"] for m in train], [m["train_bpc"] for m in train], lw=0.8, alpha=0.6, label="train")
@@ -40,7 +44,7 @@ def plot_pretrain_loss(metrics: list[dict], path: str | Path, bound_bpc: float |
 
 def plot_finetune_loss(runs: dict[str, list[dict]], path: str | Path) -> None:
     """Training and held-out loss on the answer tokens against steps, one colour per run."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _figure(figsize=(7, 4.2))
     for i, (name, metrics) in enumerate(runs.items()):
         colour = f"C{i}"
         ax.plot([m["step"] for m in metrics], [m["train_loss"] for m in metrics], color=colour, lw=0.7, alpha=0.45,
@@ -61,7 +65,7 @@ def plot_param_counts(rows: list[dict], shapes: list[dict], path: str | Path) ->
     """Left: trainable parameters of full fine-tuning and of LoRA over ranks and target sets (this model,
     counted). Right: the trainable fraction of LoRA r=8 on q,k,v,output for this model and for larger
     shapes (from the formula r * (d_in + d_out) per adapted matrix)."""
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, bx) = _figure(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     total = rows[0]["total"]
     ax.axhline(total, color="k", lw=1.2, label=f"full fine-tuning: all {total:,} parameters")
     for targets in dict.fromkeys(r["targets"] for r in rows):
@@ -88,7 +92,7 @@ def plot_param_counts(rows: list[dict], shapes: list[dict], path: str | Path) ->
 
 def plot_rank_sweep(points: list[dict], full_accuracy: float | None, path: str | Path) -> None:
     """Held-out exact match against LoRA rank, with trainable parameters on a second axis."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _figure(figsize=(7, 4.2))
     rs = [p["r"] for p in points]
     ax.plot(rs, [100 * p["accuracy"] for p in points], "o-", color="C0", label="LoRA exact match")
     if full_accuracy is not None:
@@ -111,7 +115,7 @@ def plot_rank_sweep(points: list[dict], full_accuracy: float | None, path: str |
 
 def plot_latency(latency: dict[str, dict], path: str | Path) -> None:
     """Per-token generation latency (median, with min-max whiskers) of base, merged and unmerged."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = _figure(figsize=(7, 3.8))
     names = list(latency)
     med = [1e3 * latency[n]["median_s"] for n in names]
     err = [[m - 1e3 * latency[n]["min_s"] for n, m in zip(names, med)],

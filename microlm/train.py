@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the console bar; tqdm.auto would want ipywidgets in a notebook
 
 from .checkpoint import (CheckpointError, load_json, load_optimizer, load_weights, replace_dir, save_json,
                          save_optimizer, save_text, save_weights)
@@ -29,7 +29,7 @@ from .data import IGNORE
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1800
+    max_steps: int = 1500
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-2  # high for AdamW, and stable here thanks to QK-norm (see model.py)

@@ -23,7 +23,9 @@ def test_answers_follow_the_state_across_sentences():
     assert qa["Who has the red ball?"] == " Mia"  # Ann -> Tom -> Mia
     assert qa["Who has the blue cup?"] == " Tom"
     assert qa["Where is Tom?"] == " at the shop"  # moved as "He"
-    assert qa["What did Ann give Tom?"] == " the red ball"
+    assert qa["Who gave Tom the red ball?"] == " Ann"
+    assert qa["Who gave Tom the blue cup?"] == " Mia"
+    assert qa["Who gave Mia the red ball?"] == " Tom"
 
 
 def test_fine_tuning_stories_are_never_in_pretraining_data_nor_in_both_splits():
@@ -32,7 +34,7 @@ def test_fine_tuning_stories_are_never_in_pretraining_data_nor_in_both_splits():
     assert not stories["train"] & stories["val"]
     pretrain = generate_splits(World(), {"train": 3000, "val": 100}, seed=3)
     assert not (stories["train"] | stories["val"]) & {s.text for v in pretrain.values() for s in v}
-    assert {ex["kind"] for ex in sft["train"]} == {"who_has", "where_is", "what_gave"}
+    assert {ex["kind"] for ex in sft["train"]} == {"who_has", "where_is", "who_gave"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,69 @@
+"""LoRA: what an adapter costs to train and what merging removes at inference.
+
+Training: one step of LoRA r=8 on q, k, v and output_proj (microlm's defaults) against one step of full
+fine-tuning, same model, batch and optimizer (microlm.compare.step_cost, taking turns), and the
+tensor memory of each step at its peak (microlm.finetune.training_memory: weights, saved activations,
+gradients, AdamW moments). LoRA skips the weight gradients of the frozen matrices and their AdamW
+state, but the backward pass still carries gradients through every layer to reach the adapters.
+
+Inference: seconds per generated token (batch 1, KV cache, greedy; microlm.evaluate.per_token_latency)
+of the base, the adapter merged and unloaded (plain nn.Linear again: what is deployed), merged in
+place (LoRALinear wrappers kept) and unmerged (two extra small matmuls per adapted layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from bench_training import random_batch
+from microlm.compare import step_cost
+from microlm.evaluate import per_token_latency
+from microlm.finetune import LoRAConfig, finetune_defaults, prepare_model, training_memory
+from microlm.lora import lora_layers, merge_and_unload, merge_lora
+from microlm.model import GPT, GPTConfig
+from timing import target
+
+
+def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens: int) -> dict:
+    torch.manual_seed(0)
+    base = GPT(config)
+    lora_cfg = LoRAConfig()
+    train_cfg = dataclasses.replace(finetune_defaults(full=False), batch_size=batch_size)
+    batch = random_batch(config.vocab_size, batch_size, config.context_length)
+
+    print(f"  lora  training step, r={lora_cfg.r} on {', '.join(lora_cfg.targets)} vs full", flush=True)
+    trainers = {"lora": prepare_model(copy.deepcopy(base), lora_cfg), "full": prepare_model(copy.deepcopy(base), None)}
+    step = step_cost(trainers, batch, train_cfg, repeats)
+    memory = {name: training_memory(m, batch, train_cfg) for name, m in trainers.items()}
+    trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in trainers.items()}
+    del trainers
+
+    print("  lora  per-token latency: base, merged, merged in place, unmerged", flush=True)
+    adapted = prepare_model(copy.deepcopy(base), lora_cfg).eval()
+    with torch.no_grad():  # a trained adapter is not zero: give B values, so merging really changes W
+        for layer in lora_layers(adapted).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    merged_in_place = copy.deepcopy(adapted)
+    merge_lora(merged_in_place)
+    merged = merge_and_unload(copy.deepcopy(adapted))
+    prompt = torch.tensor([[max(config.eot_id, 0)]])
+    n_tokens = min(latency_tokens, config.context_length - 1)
+    latency = per_token_latency({"base": base.eval(), "merged": merged, "merged_in_place": merged_in_place,
+                                 "unmerged": adapted}, prompt, n_tokens, repeats)
+
+    lat = {k: v["median_s"] for k, v in latency.items()}
+    step_ratio = step["lora"]["median_s"] / step["full"]["median_s"]
+    memory_ratio = memory["lora"]["total"] / memory["full"]["total"]
+    return {
+        "lora": dataclasses.asdict(lora_cfg), "batch": list(batch[0].shape), "trainable_params": trainable,
+        "train_step": step, "step_ratio_lora_full": step_ratio,
+        "train_memory_bytes": memory, "memory_ratio_lora_full": memory_ratio,
+        "latency_tokens": n_tokens, "latency_per_token": latency,
+        "latency_ratio_to_base": {k: v / lat["base"] for k, v in lat.items() if k != "base"},
+        "targets": {"lora_step_vs_full": target(step_ratio, "<=", 0.8),
+                    "lora_memory_vs_full": target(memory_ratio, "<", 1.0),
+                    "merged_latency_vs_base": target(lat["merged"] / lat["base"], "<=", 1.03)},
+    }

@@ -1,0 +1,133 @@
+"""bench.json as a markdown table: every figure as median (min-max) beside its ratio and its target."""
+
+from __future__ import annotations
+
+
+def _mark(t: dict | None) -> str:
+    if not t:
+        return ""
+    return f"{t['target']}: {'met' if t['met'] else 'NOT met'}"
+
+
+def _rate(amount: float, timing: dict, unit: str, fmt: str = ",.0f") -> str:
+    """amount per second from a timing, median with the spread: the slowest repeat gives the lowest rate."""
+    return (f"{amount / timing['median_s']:{fmt}} {unit} "
+            f"({amount / timing['max_s']:{fmt}}-{amount / timing['min_s']:{fmt}})")
+
+
+def _ms(timing: dict, per: float = 1.0) -> str:
+    return (f"{1e3 * timing['median_s'] / per:.2f} ms ({1e3 * timing['min_s'] / per:.2f}-"
+            f"{1e3 * timing['max_s'] / per:.2f})")
+
+
+def training_rows(tr: dict) -> list[tuple]:
+    rows = []
+    peak = tr["matmul_peak_flops"] / 1e9
+    for s in tr["sizes"]:
+        c, step, tok = s["config"], s["step"], s["tokens_per_step"]
+        is_default = s["name"] == "default"
+        shape = (f"d_model {c['d_model']}, {c['n_layers']} layers, {c['n_heads']} heads, context "
+                 f"{c['context_length']}, batch {c['batch_size']}, vocab {c['vocab_size']}")
+        rows.append((f"training, {s['name']} ({shape}): tokens/s, ours vs GPT-2-style baseline",
+                     f"ours {_rate(tok, step['ours'], 'tok/s')}; baseline {_rate(tok, step['baseline'], 'tok/s')}",
+                     f"{s['ratio_ours_baseline']:.2f}x",
+                     _mark(tr["targets"].get("ours_vs_baseline_default")) if is_default else ""))
+        rows.append((f"training, {s['name']}: ours without the document mask (causal only)",
+                     f"{_rate(tok, step['ours_causal'], 'tok/s')}",
+                     f"{s['ratio_ours_causal_baseline']:.2f}x baseline; the mask costs {s['document_mask_cost']:.2f}x",
+                     ""))
+        rows.append((f"training, {s['name']}: model FLOP utilisation",
+                     f"ours {s['mfu']['ours']:.1%}, baseline {s['mfu']['baseline']:.1%} of {peak:.0f} GFLOP/s "
+                     "(fp32 matmul peak, this process)", "",
+                     _mark(tr["targets"].get("mfu_default")) if is_default else ""))
+    comp = tr["compile"]
+    if comp.get("ok"):
+        size = next(s for s in tr["sizes"] if "compile" in s)
+        tok, step, even = size["tokens_per_step"], size["step"], comp["break_even_steps"]
+        rows.append((f"torch.compile, {size['name']}: compiled vs eager",
+                     f"{_rate(tok, step['ours_compiled'], 'tok/s')} vs {_rate(tok, step['ours'], 'tok/s')}; "
+                     f"compiling took {comp['compile_s']:.0f} s", f"{comp['speedup']:.2f}x",
+                     ("pays" if comp["pays"] else "does not pay") + f" over a default run ({comp['run_steps']:,} steps)"
+                     + (f"; break-even after {even:,.0f} steps" if even else "")))
+    else:
+        rows.append(("torch.compile", comp.get("skipped") or f"failed: {comp.get('error')}", "", ""))
+    return rows
+
+
+def generation_rows(gen: dict) -> list[tuple]:
+    rows = []
+    longest = gen["lengths"][-1]["new_tokens"]
+    for g in gen["lengths"]:
+        n = g["new_tokens"]
+        capped = [r for r in g["requested"] if r != n]
+        label = f"generation, {n} new tokens" + (f" ({', '.join(map(str, capped))} capped by the context "
+                                                   f"{gen['context_length']})" if capped else "")
+        rows.append((label + ": KV cache vs recomputing the prefix (greedy, batch 1)",
+                     f"{_rate(n, g['time']['kv_cache'], 'tok/s')} vs {_rate(n, g['time']['recompute'], 'tok/s')}",
+                     f"{g['speedup']:.1f}x", _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
+    return rows
+
+
+def lora_rows(lo: dict) -> list[tuple]:
+    step, mem, lat = lo["train_step"], lo["train_memory_bytes"], lo["latency_per_token"]
+    ratio, n = lo["latency_ratio_to_base"], lo["latency_tokens"]
+    r, targets = lo["lora"]["r"], lo["targets"]
+    return [
+        (f"LoRA r={r} ({', '.join(lo['lora']['targets'])}) vs full fine-tuning: step time, batch "
+         f"{lo['batch'][0]} x {lo['batch'][1]}", f"{_ms(step['lora'])} vs {_ms(step['full'])}",
+         f"{lo['step_ratio_lora_full']:.2f}x", _mark(targets["lora_step_vs_full"])),
+        ("LoRA vs full: tensor memory of a step at its peak",
+         f"{mem['lora']['total'] / 2**20:.1f} vs {mem['full']['total'] / 2**20:.1f} MiB",
+         f"{lo['memory_ratio_lora_full']:.2f}x", _mark(targets["lora_memory_vs_full"])),
+        (f"per-token latency ({n} tokens, batch 1): merged (merge_and_unload) vs base",
+         f"{_ms(lat['merged'])} vs {_ms(lat['base'])}", f"{ratio['merged']:.3f}x",
+         _mark(targets["merged_latency_vs_base"])),
+        ("per-token latency: merged in place (LoRALinear kept) vs base", f"{_ms(lat['merged_in_place'])}",
+         f"{ratio['merged_in_place']:.3f}x", ""),
+        ("per-token latency: unmerged vs base (the adapter's overhead)", f"{_ms(lat['unmerged'])}",
+         f"{ratio['unmerged']:.3f}x", ""),
+    ]
+
+
+def tokenizer_rows(tk: dict) -> list[tuple]:
+    rate, enc, v = tk["encode_mb_per_s"], tk["encode"], tk["vocab"]
+    return [
+        (f"BPE training, {tk['n_stories']:,} stories ({tk['train_chars'] / 1e6:.1f} MB)",
+         f"{_ms(tk['train_bpe'])}; {v['merges']} merges, {v['n_vocab']} tokens"
+         + (f" (stopped early: {v['requested']} requested)" if v["stopped_early"] else ""), "", ""),
+        (f"encoding {tk['encode_mb']:.2f} MB: tiktoken vs plain Python (encode_python), one thread each",
+         f"{_rate(tk['encode_mb'], enc['tiktoken'], 'MB/s', ',.2f')} vs "
+         f"{_rate(tk['encode_mb'], enc['python'], 'MB/s', ',.2f')}; ids identical: "
+         f"{'yes' if tk['identical_ids'] else 'NO'}",
+         f"{tk['ratio_tiktoken_python']:.1f}x", _mark(tk["targets"]["tiktoken_vs_python"])),
+        ("encoding: tiktoken encode_batch, one call per story, threads",
+         _rate(tk["encode_mb"], enc["tiktoken_batch"], "MB/s", ",.2f"),
+         f"{rate['tiktoken_batch'] / rate['python']:.1f}x python", ""),
+    ]
+
+
+def memory_rows(mem: dict) -> list[tuple]:
+    names = {"pretrain": "make pretrain", "lora_finetune": "make lora-finetune", "this_benchmark": "this benchmark"}
+    return [(f"peak RSS, {names[k]}", f"{v['peak_rss_mib']:,.0f} MiB" if v["peak_rss_mib"] is not None else v["note"],
+             "", "") for k, v in mem.items()]
+
+
+SECTIONS = {"tokenizer": tokenizer_rows, "training": training_rows, "generation": generation_rows,
+            "lora": lora_rows, "memory": memory_rows}
+
+
+def to_markdown(res: dict) -> str:
+    m, s = res["machine"], res["settings"]
+    lines = [f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['cpu_capability']}), torch {m['torch']} "
+             f"(threads: {m['torch_threads']}), Python {m['python']}; load average {m['load_average_1m']:.2f} at the "
+             f"start. Medians of {s['repeats']} repeats after a warm-up, (min-max) beside them; contenders took "
+             f"turns in one process.{' QUICK MODE: tiny sizes, the figures mean nothing.' if s['quick'] else ''}",
+             "", "| benchmark | measured: median (min-max) | ratio | target |", "|---|---|---|---|"]
+    for name, rows_of in SECTIONS.items():
+        if name not in res:
+            continue
+        if "error" in res[name]:
+            lines.append(f"| {name} | failed: {res[name]['error']} | | |")
+            continue
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows_of(res[name])]
+    return "\n".join(lines) + "\n"

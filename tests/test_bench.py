@@ -1,0 +1,130 @@
+"""`make bench` keeps working: benchmarks/run.py --quick, as the Makefile runs it, writes every section.
+
+The numbers of a quick run mean nothing (tiny sizes, a busy machine), so only their sanity is checked:
+every timing positive and ordered (min <= median <= max), ratios positive, and tiktoken's ids identical
+to the plain-Python encoder's. Benchmarks never fail on a number; a crash or wrong ids do fail here.
+"""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # A subprocess, as `make bench ARGS=--quick` runs it (--quick uses one torch thread).
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
+                           "--out", str(out / "bench.json"), "--md", str(out / "bench.md"),
+                           "--runs-dir", str(out / "no-runs")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc.stdout
+
+
+def timings(obj):
+    """Every {median_s, min_s, max_s} anywhere in the results."""
+    if isinstance(obj, dict):
+        if "median_s" in obj:
+            yield obj
+        for v in obj.values():
+            yield from timings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from timings(v)
+
+
+def test_quick_run_writes_every_section_and_the_machine(bench):
+    res, _, _ = bench
+    assert {"machine", "settings", "tokenizer", "training", "generation", "lora", "memory"} <= set(res)
+    assert res["settings"]["quick"] is True
+    assert {"cpu", "cpu_count", "torch_threads", "torch", "python"} <= set(res["machine"])
+    assert res["machine"]["torch_threads"] == 1
+
+
+def test_every_timing_is_positive_and_ordered(bench):
+    found = list(timings(bench[0]))
+    assert len(found) > 20
+    for t in found:
+        assert 0 < t["min_s"] <= t["median_s"] <= t["max_s"] < math.inf, t
+
+
+def test_tokenizer_ids_are_identical_and_tiktoken_is_measured(bench):
+    tok = bench[0]["tokenizer"]
+    assert tok["identical_ids"] is True
+    assert tok["encode_tokens"] > 0 and tok["vocab"]["n_vocab"] > 256
+    assert all(v > 0 for v in tok["encode_mb_per_s"].values())
+    assert tok["ratio_tiktoken_python"] > 0
+
+
+def test_training_has_three_sizes_with_tokens_per_s_and_mfu(bench):
+    tr = bench[0]["training"]
+    assert [s["name"] for s in tr["sizes"]] == ["small", "default", "large"]
+    assert tr["matmul_peak_flops"] > 0
+    for s in tr["sizes"]:
+        assert set(s["tokens_per_s"]) == {"ours", "ours_causal", "baseline"}
+        assert all(v > 0 for v in s["tokens_per_s"].values())
+        assert 0 < s["mfu"]["ours"] < 1.5 and 0 < s["mfu"]["baseline"] < 1.5  # a fraction of a measured peak
+        assert s["ratio_ours_baseline"] > 0
+    assert set(tr["targets"]) == {"mfu_default", "ours_vs_baseline_default"}
+    assert tr["compile"]["ok"] is None  # --quick does not compile
+
+
+def test_generation_caps_lengths_by_the_context(bench):
+    gen = bench[0]["generation"]
+    ctx = gen["context_length"]
+    assert [g["new_tokens"] for g in gen["lengths"]] == [8, 16, ctx - 1]  # 64 capped: the prompt takes one
+    assert gen["lengths"][-1]["requested"] == [64]
+    assert all(g["speedup"] > 0 for g in gen["lengths"])
+
+
+def test_lora_compares_step_memory_and_latency(bench):
+    lo = bench[0]["lora"]
+    assert lo["trainable_params"]["lora"] < lo["trainable_params"]["full"]
+    assert lo["memory_ratio_lora_full"] < 1  # tensors are counted, not timed: this holds even when quick
+    assert set(lo["latency_ratio_to_base"]) == {"merged", "merged_in_place", "unmerged"}
+    assert set(lo["targets"]) == {"lora_step_vs_full", "lora_memory_vs_full", "merged_latency_vs_base"}
+
+
+def test_memory_says_what_to_run_when_no_run_measured_it(bench):
+    mem = bench[0]["memory"]
+    assert mem["pretrain"] == {"peak_rss_mib": None, "note": "not measured: run make pretrain first"}
+    assert mem["lora_finetune"]["peak_rss_mib"] is None
+    assert mem["this_benchmark"]["peak_rss_mib"] > 0
+
+
+def test_markdown_table_marks_targets_and_is_printed(bench):
+    _, md, stdout = bench
+    assert "| benchmark | measured: median (min-max) | ratio | target |" in md
+    assert md.count(": met") + md.count(": NOT met") == 7  # every target of the issue, marked
+    assert md in stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_bench_runs_this_script_with_args():
+    # A dry run (-n): it prints the command without running it, and never installs anything.
+    proc = subprocess.run(["make", "-n", "bench", "ARGS=--quick"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "benchmarks/run.py --quick" in proc.stdout
+
+
+def test_peak_rss_is_read_from_a_run_summary(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_memory import bench_memory
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "summary.json").write_text(json.dumps({"peak_rss_mib": 812.5}))
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "summary.json").write_text(json.dumps({"accuracy": 0.2}))  # an older run: no key
+    mem = bench_memory(tmp_path)
+    assert mem["pretrain"]["peak_rss_mib"] == 812.5
+    assert mem["lora_finetune"]["peak_rss_mib"] is None and "no peak_rss_mib" in mem["lora_finetune"]["note"]
