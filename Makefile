@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+NBSTAMP := $(VENV)/.notebooks-installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
@@ -17,6 +18,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . \
 	  || $(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+
+# The notebook runner (nbclient, ipykernel) is only for `make test` and `make notebooks`.
+$(NBSTAMP): $(STAMP) requirements-notebooks.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-notebooks.txt
+	@touch $(NBSTAMP)
 
 venv: $(STAMP) ## create .venv and install the pinned requirements (torch 2.13.0 CPU)
 
@@ -36,13 +42,13 @@ lora-finetune: $(STAMP) ## LoRA r=8 on the question set, the full fine-tune base
 sample: $(STAMP) ## print five stories sampled from runs/pretrain, each scored by the world
 	$(VENV)/bin/microlm sample --run-dir runs/pretrain $(ARGS)
 
-notebooks: $(STAMP) ## re-execute the teaching notebooks in place (full setting; MICROLM_FAST=1 for a quick run)
+notebooks: $(NBSTAMP) ## re-execute the teaching notebooks in place (full setting; MICROLM_FAST=1 for a quick run)
 	$(PY) notebooks/build_notebooks.py --execute
 
 bench: $(STAMP) ## measure training, generation, LoRA and tokenizer speed side by side -> results/bench.json, results/bench.md (ARGS=--quick for a fast check)
 	$(PY) benchmarks/run.py $(ARGS)
 
-test: $(STAMP) ## run the test suite
+test: $(NBSTAMP) ## run the test suite (installs the notebook runner too)
 	$(PY) -m pytest
 
 clean: ## delete runs/ and the generated corpus (keeps .venv)
