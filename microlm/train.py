@@ -29,7 +29,7 @@ from .data import IGNORE
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1400
+    max_steps: int = 1500
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-2  # high for AdamW, and stable here thanks to QK-norm (see model.py)
