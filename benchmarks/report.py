@@ -65,6 +65,11 @@ def generation_rows(gen: dict) -> list[tuple]:
         rows.append((label + ": KV cache vs recomputing the prefix (greedy, batch 1)",
                      f"{_rate(n, g['time']['kv_cache'], 'tok/s')} vs {_rate(n, g['time']['recompute'], 'tok/s')}",
                      f"{g['speedup']:.1f}x", _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
+    b = gen["batched"]
+    tokens = b["new_tokens"] * b["batch_size"]
+    rows.append((f"generation, {b['new_tokens']} new tokens, batch {b['batch_size']}: KV cache vs recomputing",
+                 f"{_rate(tokens, b['time']['kv_cache'], 'tok/s')} vs {_rate(tokens, b['time']['recompute'], 'tok/s')}",
+                 f"{b['speedup']:.1f}x", _mark(gen["targets"]["kv_cache_speedup_longest_batched"])))
     return rows
 
 
@@ -100,6 +105,11 @@ def tokenizer_rows(tk: dict) -> list[tuple]:
          f"{_rate(tk['encode_mb'], enc['python'], 'MB/s', ',.2f')}; ids identical: "
          f"{'yes' if tk['identical_ids'] else 'NO'}",
          f"{tk['ratio_tiktoken_python']:.1f}x", _mark(tk["targets"]["tiktoken_vs_python"])),
+        (f"encoding {tk['prose']['mb']:.2f} MB of README prose ({tk['prose']['chars_per_token']:.1f} chars/token): "
+         "tiktoken vs plain Python",
+         f"{_rate(tk['prose']['mb'], tk['prose']['encode']['tiktoken'], 'MB/s', ',.2f')} vs "
+         f"{_rate(tk['prose']['mb'], tk['prose']['encode']['python'], 'MB/s', ',.2f')}",
+         f"{tk['prose']['ratio_tiktoken_python']:.1f}x", _mark(tk["targets"]["tiktoken_vs_python_prose"])),
         ("encoding: tiktoken encode_batch, one call per story, threads",
          _rate(tk["encode_mb"], enc["tiktoken_batch"], "MB/s", ",.2f"),
          f"{rate['tiktoken_batch'] / rate['python']:.1f}x python", ""),

@@ -59,6 +59,7 @@ class Settings:
                                                  "large": {"d_model": 256, "n_layers": 6, "n_heads": 8}})
     batch_size: int = TrainConfig().batch_size
     gen_lengths: tuple = (64, 256, 512)  # new tokens; the context caps them
+    gen_batch: int = 50  # rows for the batched generation figure: make pretrain samples 50 at a time
     latency_tokens: int = 64  # tokens generated per LoRA latency measurement, as `microlm compare`
     compile: bool = True  # try torch.compile at the default size
 
@@ -67,7 +68,7 @@ FULL = Settings()
 QUICK = Settings(repeats=3, n_stories=300, encode_chars=50_000,
                  model={"d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 32},
                  sizes={"small": {"d_model": 16, "n_layers": 1}, "default": {}, "large": {"d_model": 64, "n_heads": 4}},
-                 batch_size=4, gen_lengths=(8, 16, 64), latency_tokens=8, compile=False)
+                 batch_size=4, gen_lengths=(8, 16, 64), gen_batch=4, latency_tokens=8, compile=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         "tokenizer": lambda: bench_tokenizer(stories, bpe, settings.repeats, settings.encode_chars),
         "training": lambda: bench_training(config, settings.sizes, settings.batch_size, settings.repeats,
                                            compile_size="default" if settings.compile else None),
-        "generation": lambda: bench_generation(config, settings.gen_lengths, settings.repeats),
+        "generation": lambda: bench_generation(config, settings.gen_lengths, settings.repeats, settings.gen_batch),
         "lora": lambda: bench_lora(config, settings.batch_size, settings.repeats, settings.latency_tokens),
         "memory": lambda: bench_memory(args.runs_dir),
     }

@@ -63,6 +63,20 @@ def load_json(path: str | Path, what: str = "file") -> dict:
     return obj
 
 
+def check_keys(obj: dict, path: str | Path, required, optional=()) -> None:
+    """Refuse a JSON object with missing or unknown keys, naming them: a guessed default would hide
+    a damaged file, or one written by another program or version."""
+    missing, unknown = sorted(set(required) - set(obj)), sorted(set(obj) - set(required) - set(optional))
+    if missing or unknown:
+        found = "; ".join(f"{kind} keys {keys}" for kind, keys in (("missing", missing), ("unknown", unknown)) if keys)
+        raise CheckpointError(f"{path}: {found}; the file is damaged or was not written by this version of microlm")
+
+
+def changed_settings(saved: dict, now: dict) -> str:
+    """'--lr 0.01 (now 0.003), ...' for every setting whose saved value differs; '' if none does."""
+    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in now.items() if saved.get(k) != v)
+
+
 def unique_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared tensor once (tied embeddings keep their first name)."""
     out, seen = {}, set()
@@ -81,7 +95,8 @@ def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict | Non
 def read_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: {what} file not found")
+        raise CheckpointError(f"{path}: {what} file not found; was the run finished? (an interrupted run "
+                              "continues with --resume)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -125,11 +140,20 @@ def save_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, groups: dict) -> None:
+    """Load what save_optimizer wrote; every state tensor must fit its parameter (AdamW's moments have its shape)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, t in read_tensors(path, "optimizer state").items():
-        i, name = key.split(".", 1)
+        i, _, name = key.partition(".")
+        if not (i.isdigit() and int(i) < len(params) and (t.dim() == 0 or t.shape == params[int(i)].shape)):
+            raise CheckpointError(f"{path}: optimizer tensor '{key}' {tuple(t.shape)} fits no parameter of this "
+                                  "model; the checkpoint is from another run")
         state.setdefault(int(i), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: the optimizer settings do not fit this model ({e}); the checkpoint is "
+                              "damaged or from another run") from None
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -16,18 +16,20 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckpointError, load_json, save_json, save_text, save_weights
+from .checkpoint import CheckpointError, changed_settings, load_json, save_json, save_text, save_weights
 from .data import (CorpusError, build_story_corpus, document_rows, encode_documents, read_corpus, read_stories,
                    split_text_corpus, stream_rows, window_batch)
 from .finetune import SFT_SPLITS, LoRAConfig, finetune_defaults
 from .model import GPT, GPTConfig, pick_device
-from .runs import UsageError, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file, sha256_text
+from .runs import (UsageError, check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file,
+                   sha256_text)
 from .sft import SFTDataError
 from .tokenizer import EOT, Tokenizer, train_bpe
 from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, read_metrics, train
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sam.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     sam.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     sam.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    sam.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt longer than the "
+                     "model's context, and say so (default: refuse it)")
     sam.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
 
     for name, full in (("lora-finetune", False), ("finetune", None)):
@@ -185,7 +189,10 @@ def cmd_pretrain(args) -> int:
     import torch
     run_dir = Path(args.run_dir)
     train_cfg = from_args(TrainConfig, args)
-    model_cfg = from_args(GPTConfig, args)  # vocab_size is the tokenizer's request; the model gets its n_vocab
+    try:
+        model_cfg = from_args(GPTConfig, args)  # vocab_size is the tokenizer's request; the model gets its n_vocab
+    except ValueError as e:  # name the flag the user typed, not the dataclass field
+        raise UsageError(re.sub(r"GPTConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     if args.n_samples < 0 or args.n_train < 1 or args.n_val < 1:
         raise UsageError("--n-train and --n-val must be >= 1 and --n-samples >= 0")
     device = pick_device(args.device)
@@ -212,29 +219,30 @@ def cmd_pretrain(args) -> int:
     data_info["val_sha256"] = sha256_text("\n".join(val_docs))
 
     stock = Tokenizer.stock("gpt2") if args.tokenizer == "gpt2" and not args.resume else None
-    # Only now touch the run folder: a bad corpus or an unavailable tokenizer must not cost the run
-    # that --overwrite was about to replace.
-    prepare_run_dir(run_dir, args.resume, args.overwrite)
-    torch.manual_seed(train_cfg.seed)
+    check_run_dir(run_dir, args.resume, args.overwrite)  # refuse at once; nothing is touched before step 3
 
     # 2. Tokenizer: trained on the training split only (reused when resuming).
     tok_path = run_dir / "tokenizer.json"
     if args.resume:
         tokenizer = Tokenizer.load(tok_path)
         saved = load_json(run_dir / "config.json", "run config")
-        if saved["data"]["train_sha256"] != data_info["train_sha256"]:
+        if saved.get("data", {}).get("train_sha256") != data_info["train_sha256"]:
             raise UsageError(f"--resume: the training data differs from the data {run_dir} was trained on")
     elif stock is not None:
         tokenizer = stock
-        tokenizer.save(tok_path)
     else:
         bpe = train_bpe(EOT.join(train_docs), model_cfg.vocab_size)
         if bpe.stopped_early:
             print(f"tokenizer: stopped after {bpe.merges_done} of {bpe.merges_requested} merges: no pair left to merge")
         tokenizer = Tokenizer.from_bpe(bpe)
-        tokenizer.save(tok_path)
     # Stories are separate documents: attention stays inside each (a plain text file is one document).
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.n_vocab, eot_id=tokenizer.eot_id if world else -1)
+    if args.resume:
+        changed = changed_settings({**saved.get("model", {}), **saved.get("train", {})},
+                                   {**model_cfg.to_dict(), **dataclasses.asdict(train_cfg)})
+        if changed:
+            raise UsageError(f"--resume: {run_dir} was trained with other settings: {changed}; resume with the same "
+                             "flags, or start again with --overwrite")
     train_stream = encode_documents(tokenizer, train_docs)
     if len(train_stream) < model_cfg.context_length + 2:
         raise CorpusError(f"{args.corpus or args.data_dir}: {len(train_stream)} training tokens, fewer than one "
@@ -242,10 +250,20 @@ def cmd_pretrain(args) -> int:
     if world:
         evalset = document_rows(tokenizer, val_docs, model_cfg.context_length)
     else:
-        evalset = stream_rows(tokenizer, encode_documents(tokenizer, val_docs), model_cfg.context_length)
+        try:
+            evalset = stream_rows(tokenizer, encode_documents(tokenizer, val_docs), model_cfg.context_length)
+        except CorpusError as e:
+            raise CorpusError(f"{args.corpus}: {e}") from None
     chars_per_token = sum(len(d) + 1 for d in train_docs) / (len(train_stream) - 1)
     print(f"tokens  {len(train_stream):,} training tokens, {chars_per_token:.2f} characters per token, "
           f"vocabulary {tokenizer.n_vocab}")
+
+    # Only now touch the run folder: a bad corpus, tokenizer or context must not cost the run that
+    # --overwrite was about to replace.
+    prepare_run_dir(run_dir, args.resume, args.overwrite)
+    if not args.resume:
+        tokenizer.save(tok_path)
+    torch.manual_seed(train_cfg.seed)
 
     # 3. Model.
     model = GPT(model_cfg).to(device)
@@ -313,15 +331,21 @@ def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples,
 def cmd_sample(args) -> int:
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
-    from .evaluate import sample_texts
+    from .evaluate import fit_prompt, sample_texts
     if args.adapter:
         from .finetune import load_lora_run
         model, tokenizer, config, _ = load_lora_run(args.adapter, pick_device(args.device), args.run_dir)
     else:
         model, tokenizer, config = load_run(args.run_dir or "runs/pretrain", pick_device(args.device))
-    world = World.from_dict(config["data"]["world"]) if config["data"].get("kind") == "stories" else None
+    _, dropped = fit_prompt(tokenizer, args.prompt, model.config.context_length, args.truncate_prompt)
+    if dropped:
+        print(f"note: the prompt is longer than the model's context ({model.config.context_length} tokens); the model "
+              f"sees only its last {model.config.context_length - 1} tokens (the first {dropped} are dropped)",
+              file=sys.stderr)
+    data = config.get("data", {})
+    world = World.from_dict(data["world"]) if data.get("kind") == "stories" else None
     for text in sample_texts(model, tokenizer, args.n, args.temperature, args.top_k, args.top_p, args.seed,
-                             prompt=args.prompt):
+                             prompt=args.prompt, truncate_prompt=args.truncate_prompt):
         if world:
             lp = log_prob(world, text)
             tag = f"[valid, {-lp / math.log(2):.1f} bits]" if lp > -math.inf else "[INVALID]"
@@ -370,6 +394,8 @@ def cmd_finetune(args) -> int:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         if args.r < 1:
             raise UsageError(f"--r must be >= 1 (a LoRA rank), got {args.r}")
+        if not args.alpha > 0:
+            raise UsageError(f"--alpha must be > 0 (scaling = alpha / r), got {args.alpha}")
         lora = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, use_rslora=args.use_rslora,
                           targets=targets)
     run_dir = args.run_dir or ("runs/full" if full else "runs/lora")
@@ -428,7 +454,8 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: checkpoint saved at step {e.step}; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
-    except (UsageError, CorpusError, CheckpointError, SFTDataError, TrainingDiverged, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (UsageError, CorpusError, CheckpointError, SFTDataError, TrainingDiverged, ValueError, OSError,
+            RuntimeError) as e:
         if os.environ.get("MICROLM_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -115,7 +115,7 @@ def document_rows(tokenizer, docs: list[str], context: int) -> EvalSet:
         piece = ids + [eot]
         if len(piece) + 1 > context + 1:
             raise ValueError(f"a document of {len(piece)} tokens does not fit the context of {context} "
-                             f"(use a context_length of at least {len(piece)}): {text[:60]!r}...")
+                             f"(use --context-length {len(piece)} or more): {text[:60]!r}...")
         if len(row) + len(piece) > context + 1:
             rows.append(row)
             row = [eot]
@@ -134,7 +134,8 @@ def stream_rows(tokenizer, stream: np.ndarray, context: int, max_rows: int | Non
     n = (len(stream) - 1) // context
     n = min(n, max_rows) if max_rows else n
     if n < 1:
-        raise ValueError(f"the validation text has {len(stream)} tokens: too few for one window of {context}")
+        raise CorpusError(f"the validation split (the last 10% of the corpus) has {len(stream)} tokens, too few for "
+                          f"one window of --context-length {context}; use more text or a shorter context")
     t = torch.from_numpy(stream[: n * context + 1].astype(np.int64))
     x, y = t[:-1].view(n, context), t[1:].view(n, context)
     n_chars = len(tokenizer.decode(y.flatten().tolist()))

@@ -32,20 +32,37 @@ def evaluate_lm(model: torch.nn.Module, evalset: EvalSet, batch_size: int = 32) 
     return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpc": nll / math.log(2) / evalset.n_chars}
 
 
+def fit_prompt(tokenizer, prompt: str, context: int, truncate: bool = False) -> tuple[list[int], int]:
+    """`<|endoftext|> prompt` as token ids, and how many were dropped. The model sees at most `context`
+    positions and one must be left for a new token: a longer prompt is refused, or with truncate=True
+    cut from the left (its end is what the continuation follows)."""
+    ids = [tokenizer.eot_id] + tokenizer.encode_ordinary(prompt)
+    room = context - 1
+    if len(ids) <= room:
+        return ids, 0
+    if not truncate:
+        raise ValueError(f"--prompt is {len(ids)} tokens (with the leading <|endoftext|>) but the model's context "
+                         f"is {context}, which leaves room for {room}; shorten it, or pass --truncate-prompt to keep "
+                         f"its last {room} tokens")
+    return ids[-room:], len(ids) - room
+
+
 def sample_texts(model, tokenizer, n: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, batch_size: int = 50, prompt: str = "") -> list[str]:
-    """`n` documents sampled from `<|endoftext|>` + prompt, each cut at the first `<|endoftext|>`."""
+                 top_p: float | None = None, seed: int = 0, batch_size: int = 50, prompt: str = "",
+                 truncate_prompt: bool = False) -> list[str]:
+    """`n` documents sampled from `<|endoftext|>` + prompt, each cut at the first `<|endoftext|>` and
+    returned after the whole prompt (also when the model saw only its end: truncate_prompt)."""
     device = next(model.parameters()).device
-    prompt_ids = [tokenizer.eot_id] + tokenizer.encode_ordinary(prompt)
+    ids, _ = fit_prompt(tokenizer, prompt, model.config.context_length, truncate_prompt)
     g = torch.Generator(device=device).manual_seed(seed)
-    max_new = model.config.context_length - len(prompt_ids)
+    max_new = model.config.context_length - len(ids)
     out = []
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
-        x = torch.tensor([prompt_ids] * rows, device=device)
-        for ids in generate(model, x, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+        x = torch.tensor([ids] * rows, device=device)
+        for new in generate(model, x, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                             eot_id=tokenizer.eot_id, generator=g):
-            out.append(prompt + tokenizer.decode(ids))
+            out.append(prompt + tokenizer.decode(new))
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_json, save_json, save_text
+from .checkpoint import CheckpointError, changed_settings, load_json, save_json, save_text
 from .data import IGNORE
 from .evaluate import exact_match, greedy_answers
 from .lora import DEFAULT_TARGETS, apply_lora_to_model
@@ -189,20 +189,24 @@ def training_memory(model: torch.nn.Module, batch, cfg: TrainConfig) -> dict:
 
 def load_examples(base_config: dict, sft_data, sft_val, data_dir, sizes: dict, seed: int) -> tuple[list, list, dict]:
     """Training and held-out examples: the user's JSONL files, or questions about the base's story world."""
+    from .runs import sha256_file
     if sft_data:
         train_ex = read_sft_jsonl(sft_data)
         if sft_val:
             val_ex = read_sft_jsonl(sft_val)
         else:
             train_ex, val_ex = split_user_examples(train_ex, seed)
-        return train_ex, val_ex, {"kind": "jsonl", "train": str(sft_data), "val": str(sft_val) if sft_val else None}
+        return train_ex, val_ex, {"kind": "jsonl", "train": str(sft_data), "val": str(sft_val) if sft_val else None,
+                                  "train_sha256": sha256_file(sft_data),
+                                  "val_sha256": sha256_file(sft_val) if sft_val else None}
     data = base_config.get("data", {})
     if data.get("kind") != "stories":
         raise ValueError("the base model was not trained on the story world, so there is no built-in question set; "
                          "pass your own with --sft-data FILE.jsonl")
     paths = build_sft_data(data_dir, World.from_dict(data["world"]), sizes, seed)
     return (read_sft_jsonl(paths["train"]), read_sft_jsonl(paths["val"]),
-            {"kind": "stories", "train": str(paths["train"]), "val": str(paths["val"]), "sizes": sizes})
+            {"kind": "stories", "train": str(paths["train"]), "val": str(paths["val"]), "sizes": sizes,
+             "train_sha256": sha256_file(paths["train"]), "val_sha256": sha256_file(paths["val"])})
 
 
 def fitting(tokenizer, examples: list[dict], context: int) -> tuple[list[dict], list, int]:
@@ -218,10 +222,13 @@ def fitting(tokenizer, examples: list[dict], context: int) -> tuple[list[dict], 
 
 def load_lora_run(lora_dir: str | Path, device="cpu", base_dir: str | Path | None = None):
     """(model with the run's adapter loaded, unmerged; tokenizer; base config; LoRA run config)."""
-    from .lora import load_adapter
+    from .lora import load_adapter, read_adapter_config
     from .runs import load_run
     lora_dir = Path(lora_dir)
     adapter_dir = lora_dir if (lora_dir / "adapter_config.json").exists() else lora_dir / "adapter"
+    if (lora_dir / "config.json").is_file() and not (adapter_dir / "adapter_config.json").is_file():
+        raise CheckpointError(f"{adapter_dir}: no adapter here (adapter_config.json is missing); a LoRA run writes it "
+                              "when training ends: finish the run with --resume, or pass a finished LoRA run folder")
     run_config = load_json(adapter_dir.parent / "config.json", "LoRA run config") if adapter_dir != lora_dir else {}
     base_dir = base_dir or run_config.get("base")
     if base_dir is None:
@@ -230,10 +237,16 @@ def load_lora_run(lora_dir: str | Path, device="cpu", base_dir: str | Path | Non
     if not Path(base_dir).is_dir():
         raise ValueError(f"the base model folder {base_dir} named by {lora_dir} is missing; pass it explicitly")
     model, tokenizer, base_config = load_run(base_dir, device)
-    lora = lora_config_from_dict(load_json(adapter_dir / "adapter_config.json", "adapter config"))
+    lora = lora_config_from_dict(read_adapter_config(adapter_dir))
     prepare_model(model, lora)
     load_adapter(model, adapter_dir)
     return model.eval(), tokenizer, base_config, run_config
+
+
+def _flags(run_config: dict) -> dict:
+    """A fine-tuning run's LoRA and training settings, named as their flags are."""
+    lora = {("lora_dropout" if k == "dropout" else k): v for k, v in (run_config.get("lora") or {}).items()}
+    return {**lora, **run_config.get("train", {})}
 
 
 def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *, sft_data=None, sft_val=None,
@@ -243,9 +256,10 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     from .checkpoint import save_weights
     from .lora import base_fingerprint, parameter_report, save_adapter
     from .plots import plot_finetune_loss
-    from .runs import load_run, peak_rss_mib, prepare_run_dir, provenance
+    from .runs import check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file
     from .train import read_metrics, train
     run_dir, kind = Path(run_dir), "lora" if lora else "full"
+    check_run_dir(run_dir, resume, overwrite)  # refuse at once; the folder is touched only once all inputs are read
     model, tokenizer, base_config = load_run(base_dir, device)
     train_ex, val_ex, sft_info = load_examples(base_config, sft_data, sft_val, data_dir, sizes, cfg.seed)
     ctx = model.config.context_length
@@ -255,17 +269,23 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
         print(f"skipped {skipped_train} training and {skipped_val} held-out examples longer than the context "
               f"({ctx} tokens); they are never cut")
     if not train_enc or not val_enc:
-        raise ValueError(f"no example fits the context of {ctx} tokens")
+        which = "training" if not train_enc else "held-out"
+        raise ValueError(f"no {which} example fits the model's context of {ctx} tokens (data: {sft_info['train']}); "
+                         "shorter examples are needed")
     print(f"data    {len(train_ex):,} training and {len(val_ex):,} held-out questions ({sft_info['train']})")
 
     config = {"kind": kind, "base": str(base_dir), "base_fingerprint": base_fingerprint(model),
-              "lora": dataclasses.asdict(lora) if lora else None, "train": dataclasses.asdict(cfg), "sft": sft_info}
+              "lora": dataclasses.asdict(lora) if lora else None, "train": dataclasses.asdict(cfg), "sft": sft_info,
+              "tokenizer": {"n_vocab": tokenizer.n_vocab, "sha256": sha256_file(Path(base_dir) / "tokenizer.json")}}
     if resume:
         saved = load_json(run_dir / "config.json", "run config")
-        for key in ("kind", "base_fingerprint", "lora", "sft"):
+        for key in ("kind", "base_fingerprint", "sft"):
             if json.loads(json.dumps(config[key])) != saved.get(key):
                 raise ValueError(f"--resume: {key} differs from the run in {run_dir} ({saved.get(key)!r}); "
                                  "resume with the same settings or start a new --run-dir")
+        if changed := changed_settings(_flags(saved), _flags(json.loads(json.dumps(config)))):
+            raise ValueError(f"--resume: {run_dir} was trained with other settings: {changed}; resume with the same "
+                             "flags, or start again with --overwrite")
     prepare_run_dir(run_dir, resume, overwrite)
     torch.manual_seed(cfg.seed)
     base_acc, base_answers = accuracy(model, tokenizer, val_ex)
@@ -310,7 +330,8 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
     """Fold a LoRA run's adapter into its base and write a standalone model folder."""
     from .checkpoint import save_weights
     from .lora import lora_layers, merge_and_unload
-    from .runs import prepare_run_dir, provenance
+    from .runs import check_run_dir, prepare_run_dir, provenance
+    check_run_dir(Path(out_dir), resume=False, overwrite=overwrite)
     model, tokenizer, base_config, run_config = load_lora_run(lora_dir, "cpu", base_dir)
     prepare_run_dir(Path(out_dir), resume=False, overwrite=overwrite)
     merge_and_unload(model)
@@ -320,5 +341,6 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
                              "lora": run_config.get("lora")}
     tokenizer.save(Path(out_dir) / "tokenizer.json")
     save_weights(Path(out_dir) / "model.safetensors", model)
-    save_json(Path(out_dir) / "config.json", {**config, "provenance": provenance(0)})
+    # provenance(None): merging draws no random numbers
+    save_json(Path(out_dir) / "config.json", {**config, "provenance": provenance(None)})
     return Path(out_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import (CheckpointError, atomic_path, fingerprint, load_json, read_tensors, save_json,
+from .checkpoint import (CheckpointError, atomic_path, check_keys, fingerprint, load_json, read_tensors, save_json,
                          unique_tensors)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -173,11 +173,30 @@ def save_adapter(model: nn.Module, folder: str | Path) -> dict:
     return config
 
 
+ADAPTER_KEYS = ("format", "r", "alpha", "use_rslora", "dropout", "targets", "base_fingerprint", "n_params")
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    """adapter_config.json, checked: every key present and none unknown, values of the right kind."""
+    path = Path(folder) / "adapter_config.json"
+    config = load_json(path, "adapter config")
+    if config.get("format") != "microlm-lora":
+        raise CheckpointError(f"{path}: not a microlm LoRA adapter (format {config.get('format')!r}, expected "
+                              "'microlm-lora'); `microlm lora-finetune` writes one")
+    check_keys(config, path, ADAPTER_KEYS)
+    r, targets = config["r"], config["targets"]
+    if not (type(r) is int and r >= 1 and isinstance(targets, list) and targets
+            and all(isinstance(t, str) for t in targets) and isinstance(config["alpha"], (int, float))):
+        raise CheckpointError(f"{path}: r must be an integer >= 1, targets a non-empty list of layer names and "
+                              f"alpha a number; got r={r!r}, targets={targets!r}, alpha={config['alpha']!r}")
+    return config
+
+
 def load_adapter(model: nn.Module, folder: str | Path) -> dict:
     """Load A and B into a model that already has matching LoRA layers (apply_lora_to_model with the
     adapter's r and targets). Refuses, with the reason, an adapter for another base, rank or target set."""
     folder = Path(folder)
-    config = load_json(folder / "adapter_config.json", "adapter config")
+    config = read_adapter_config(folder)
     layers = lora_layers(model)
     if not layers:
         raise CheckpointError(f"{folder}: the model has no LoRA layers; call apply_lora_to_model with "
@@ -190,12 +209,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict:
                                   f"have {key}={mine!r}")
     if config.get("base_fingerprint") != base_fingerprint(model):
         raise CheckpointError(f"{folder}: this adapter was trained on another base model (fingerprint "
-                              f"{config.get('base_fingerprint')} != {base_fingerprint(model)})")
+                              f"{config.get('base_fingerprint')} != {base_fingerprint(model)}); load it onto the "
+                              "model folder it was trained on")
     tensors = read_tensors(folder / "adapter_model.safetensors", "adapter")
     expected = adapter_tensors(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: adapter keys do not match: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(f"{folder}: adapter keys do not match: missing {missing[:4]}, unexpected {unexpected[:4]}; "
+                              "adapter_model.safetensors and adapter_config.json are from different runs")
     with torch.no_grad():
         for name, layer in layers.items():
             if layer.merged:

@@ -43,25 +43,42 @@ class UsageError(ValueError):
     """A command-line request that cannot be carried out as given; the message says what to change."""
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless told to continue (--resume) or replace (--overwrite)."""
+# Files that only microlm writes into a run folder: where one of them is, a run has started.
+RUN_FILES = ("config.json", "checkpoint", "checkpoint.old", "checkpoint.tmp", "tokenizer.json", "metrics.jsonl",
+             "model.safetensors", "adapter")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless told to continue (--resume) or replace (--overwrite).
+    A folder that holds other files is never written into, nor deleted by --overwrite."""
     run_dir = Path(run_dir)
-    holds_run = (run_dir / "config.json").exists() or (run_dir / "checkpoint").exists()
+    holds_run = any((run_dir / name).exists() for name in RUN_FILES)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
     if resume and not holds_run:
         raise UsageError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
+    if run_dir.is_dir() and not holds_run and any(run_dir.iterdir()):
+        others = sorted(p.name for p in run_dir.iterdir())
+        raise UsageError(f"{run_dir} is not empty and holds no microlm run ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); microlm neither mixes its files with others nor "
+                         "deletes them: choose a new or empty folder")
     if holds_run and not (resume or overwrite):
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                          "replace it, or choose another --run-dir")
-    if overwrite and run_dir.exists():
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """check_run_dir, then empty the folder for --overwrite and make sure it exists."""
+    check_run_dir(run_dir, resume, overwrite)
+    if overwrite and Path(run_dir).exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
 
 
-def provenance(seed: int) -> dict:
+def provenance(seed: int | None) -> dict:
     """What produced a run: seed, git commit, versions, machine and command line."""
     import numpy
+    import safetensors
     import tiktoken
     import torch
     try:
@@ -71,6 +88,7 @@ def provenance(seed: int) -> dict:
         commit = None
     return {"seed": seed, "git_commit": commit, "python": platform.python_version(), "microlm": __version__,
             "torch": torch.__version__, "numpy": numpy.__version__, "tiktoken": tiktoken.__version__,
+            "safetensors": safetensors.__version__,
             "machine": platform.processor() or platform.machine(), "argv": sys.argv[1:]}
 
 
@@ -94,6 +112,14 @@ def load_run(run_dir: str | Path, device="cpu"):
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / 'config.json'}: bad model config: {e}") from None
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    if tokenizer.n_vocab != model_cfg.vocab_size:
+        raise CheckpointError(f"{run_dir / 'tokenizer.json'}: {tokenizer.n_vocab} tokens, but the model in "
+                              f"config.json has vocab_size {model_cfg.vocab_size}: the tokenizer is from another run")
+    recorded = config["tokenizer"].get("sha256") if isinstance(config.get("tokenizer"), dict) else None
+    if recorded and recorded != sha256_file(run_dir / "tokenizer.json"):
+        raise CheckpointError(f"{run_dir / 'tokenizer.json'}: not the tokenizer this model was trained with "
+                              f"(sha256 {sha256_file(run_dir / 'tokenizer.json')}, config.json records {recorded}); "
+                              "put the run's own tokenizer.json back")
     model = GPT(model_cfg)
     weights = run_dir / "model.safetensors"
     if not weights.exists() and (run_dir / "checkpoint" / "model.safetensors").exists():

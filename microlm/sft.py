@@ -84,28 +84,35 @@ class SFTDataError(ValueError):
 
 
 def read_sft_jsonl(path: str | Path) -> list[dict]:
+    """One {"prompt": ..., "response": ...} object per line (other keys are kept); blank lines are skipped.
+    Anything else is an SFTDataError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise SFTDataError(f"{path}: fine-tuning file not found")
+        raise SFTDataError(f"{path}: fine-tuning file not found; pass an existing JSONL file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as e:
         raise SFTDataError(f"{path}: not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
     examples = []
-    for n, line in enumerate(lines, start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTDataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not {"prompt", "response"} <= set(obj):
-            raise SFTDataError(f'{path}, line {n}: expected an object with "prompt" and "response"')
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number too long to convert
+            raise SFTDataError(f"{path}, line {n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(obj, dict):
+            raise SFTDataError(f'{path}, line {n}: expected an object {{"prompt": ..., "response": ...}}, '
+                               f"got {type(obj).__name__}")
+        if missing := [k for k in ("prompt", "response") if k not in obj]:
+            raise SFTDataError(f'{path}, line {n}: expected an object with "prompt" and "response"; '
+                               f"missing {missing}")
         if not all(isinstance(obj[k], str) and obj[k] for k in ("prompt", "response")):
             raise SFTDataError(f'{path}, line {n}: "prompt" and "response" must be non-empty strings')
         examples.append(obj)
     if not examples:
-        raise SFTDataError(f"{path}: no examples")
+        raise SFTDataError(f"{path}: no examples; write one JSON object per line")
     return examples
 
 

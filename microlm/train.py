@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # the console bar; tqdm.auto would want ipywidgets in a notebook
 
-from .checkpoint import (CheckpointError, load_json, load_optimizer, load_weights, replace_dir, save_json,
-                         save_optimizer, save_text, save_weights)
+from .checkpoint import (CheckpointError, changed_settings, check_keys, load_json, load_optimizer, load_weights,
+                         replace_dir, save_json, save_optimizer, save_text, save_weights)
 from .data import IGNORE
 
 
@@ -96,7 +96,7 @@ def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """The loss or the gradient stopped being finite; the message names the step and what to try."""
 
 
 class TrainingInterrupted(Exception):
@@ -126,6 +126,7 @@ def train(
     step, tokens_seen, train_time = 0, 0, 0.0
     if resume:
         step, tokens_seen, train_time = load_checkpoint(run_dir, model, opt, cfg)
+    saved_step = step if resume else None  # the step of the last checkpoint on disk, for messages
     _trim_metrics(run_dir / "metrics.jsonl", step)
     peak = matmul_peak_flops()
     last_eval: dict = {}
@@ -146,12 +147,12 @@ def train(
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.item() / cfg.grad_accum
                     n_tokens += x.numel()
-                if not math.isfinite(loss_sum):
-                    raise TrainingDiverged(
-                        f"loss became {loss_sum} at step {step}; the last good checkpoint in {run_dir} is kept. "
-                        f"Try a lower --lr (now {cfg.lr}) or a longer --warmup-steps (now {cfg.warmup_steps}).")
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or math.inf).item()
+                # Checked before opt.step(): a non-finite gradient would put NaN into the weights, and the
+                # next checkpoint would save them.
+                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                    raise TrainingDiverged(diverged_message(loss_sum, grad_norm, step, saved_step, run_dir, cfg))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -172,6 +173,7 @@ def train(
                                 **({"val_bpc": f"{last_eval['val_bpc']:.3f}"} if "val_bpc" in last_eval else {}))
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
+                    saved_step = step
                 if stop:  # a Ctrl-C or SIGTERM came during this step: act on it now, between steps
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -185,6 +187,17 @@ def train(
     return {"steps": step, "tokens_seen": tokens_seen, "train_seconds": train_time, "tokens_per_s": tok_s,
             "flops_per_token": flops_per_token, "matmul_peak_flops": peak,
             "mfu": flops_per_token * tok_s / peak, **last_eval}
+
+
+def diverged_message(loss: float, grad_norm: float, step: int, saved_step: int | None, run_dir: Path,
+                     cfg: TrainConfig) -> str:
+    """What went wrong at 0-based `step`, named as metrics.jsonl and the progress bar count (step + 1)."""
+    what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+    kept = (f"the last checkpoint (step {saved_step}) is kept in {run_dir / 'checkpoint'}"
+            if saved_step is not None else "no checkpoint had been saved yet")
+    return (f"{what} at step {step + 1} of {cfg.max_steps}; {kept}. Try a lower --lr (now {cfg.lr}), a longer "
+            f"--warmup-steps (now {cfg.warmup_steps}) or gradient clipping (--grad-clip, now {cfg.grad_clip}), and "
+            "start again with --overwrite")
 
 
 @contextlib.contextmanager
@@ -224,13 +237,14 @@ def load_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig) -> tuple[int, i
     if not ckpt.is_dir() and (run_dir / "checkpoint.old").is_dir():
         ckpt = run_dir / "checkpoint.old"  # a crash between the two renames of replace_dir
     if not ckpt.is_dir():
-        raise CheckpointError(f"{run_dir}: no checkpoint to resume from; start without --resume")
+        raise CheckpointError(f"{run_dir}: no checkpoint to resume from (the run stopped before its first one); "
+                              "start it again with --overwrite instead of --resume")
     state = load_json(ckpt / "trainer_state.json", "trainer state")
-    saved = state.get("train_config", {})
-    changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
-    if changed:
-        raise CheckpointError(f"{ckpt}: the training settings differ from the checkpoint's "
-                              f"(setting: (saved, now)) {changed}; resume with the same settings")
+    check_keys(state, ckpt / "trainer_state.json",
+               ("step", "tokens_seen", "train_seconds", "train_config", "optimizer"))
+    if changed := changed_settings(state["train_config"], asdict(cfg)):
+        raise CheckpointError(f"{ckpt}: the checkpoint was trained with other settings: {changed}; resume with "
+                              "the same settings")
     load_weights(ckpt / "model.safetensors", model)
     load_optimizer(ckpt / "optimizer.safetensors", opt, state["optimizer"])
     return state["step"], state["tokens_seen"], state["train_seconds"]
@@ -258,4 +272,21 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of metrics.jsonl. A last line without its newline is one a killed process was
+    writing: it is dropped. Any other line that is not JSON is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: metrics file not found; is this a finished run folder?")
+    # errors="replace": a binary file fails below, naming its line, rather than here
+    *lines, last = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    if last and not last.startswith("{"):  # "" after the final newline; "{..." is a record cut off by a kill
+        lines.append(last)
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}, line {n}: not a JSON record ({e.msg}); the file is damaged") from None
+    return records

@@ -71,7 +71,9 @@ def test_training_has_three_sizes_with_tokens_per_s_and_mfu(bench):
     for s in tr["sizes"]:
         assert set(s["tokens_per_s"]) == {"ours", "ours_causal", "baseline"}
         assert all(v > 0 for v in s["tokens_per_s"].values())
-        assert 0 < s["mfu"]["ours"] < 1.5 and 0 < s["mfu"]["baseline"] < 1.5  # a fraction of a measured peak
+        # a fraction of a peak measured in the same process; on a busy machine the peak can be measured
+        # low, so no upper bound here (timings are for benchmarks, not tests)
+        assert s["mfu"]["ours"] > 0 and s["mfu"]["baseline"] > 0
         assert s["ratio_ours_baseline"] > 0
     assert set(tr["targets"]) == {"mfu_default", "ours_vs_baseline_default"}
     assert tr["compile"]["ok"] is None  # --quick does not compile
@@ -83,6 +85,8 @@ def test_generation_caps_lengths_by_the_context(bench):
     assert [g["new_tokens"] for g in gen["lengths"]] == [8, 16, ctx - 1]  # 64 capped: the prompt takes one
     assert gen["lengths"][-1]["requested"] == [64]
     assert all(g["speedup"] > 0 for g in gen["lengths"])
+    assert gen["batched"]["new_tokens"] == ctx - 1 and gen["batched"]["batch_size"] == 4
+    assert set(gen["targets"]) == {"kv_cache_speedup_longest", "kv_cache_speedup_longest_batched"}
 
 
 def test_lora_compares_step_memory_and_latency(bench):
@@ -103,7 +107,7 @@ def test_memory_says_what_to_run_when_no_run_measured_it(bench):
 def test_markdown_table_marks_targets_and_is_printed(bench):
     _, md, stdout = bench
     assert "| benchmark | measured: median (min-max) | ratio | target |" in md
-    assert md.count(": met") + md.count(": NOT met") == 7  # every target of the issue, marked
+    assert md.count(": met") + md.count(": NOT met") == 9  # every target of the issue, marked
     assert md in stdout
 
 

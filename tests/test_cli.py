@@ -5,6 +5,7 @@ import json
 import pytest
 
 from microlm.cli import main
+from microlm.train import read_metrics
 
 TINY = ["--n-train", "300", "--n-val", "20", "--max-steps", "4", "--eval-every", "2", "--batch-size", "4",
         "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--n-samples", "4", "--no-progress"]
@@ -27,10 +28,14 @@ def test_pretrain_writes_every_output(run):
     assert {"seed", "git_commit", "torch"} <= set(config["provenance"])
 
 
-def test_same_seed_writes_byte_identical_corpus_files(run, tmp_path):
+def test_same_seed_writes_byte_identical_corpus_weights_samples_and_metrics(run, tmp_path):
     assert main(["pretrain", "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), *TINY]) == 0
-    for name in ("train.txt", "val.txt"):
-        assert (tmp_path / "data" / name).read_bytes() == (run / "data" / name).read_bytes()
+    for name in ("data/train.txt", "data/val.txt", "run/model.safetensors", "run/tokenizer.json", "run/samples.txt"):
+        assert (tmp_path / name).read_bytes() == (run / name).read_bytes(), name
+    timings = ("tokens_per_s", "mfu")  # the only numbers that may differ
+    metrics = [[{k: v for k, v in m.items() if k not in timings} for m in read_metrics(r / "run" / "metrics.jsonl")]
+               for r in (run, tmp_path)]
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 4
 
 
 def test_sample_scores_stories(run, capsys):

@@ -10,6 +10,7 @@ from microlm.cli import main
 from microlm.finetune import load_lora_run
 from microlm.lora import lora_layers
 from microlm.runs import load_run
+from microlm.train import read_metrics
 
 PRETRAIN = ["--n-train", "300", "--n-val", "20", "--max-steps", "4", "--eval-every", "2", "--batch-size", "4",
             "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--n-samples", "0", "--no-progress"]
@@ -75,6 +76,31 @@ def test_same_seed_gives_bit_identical_adapters_and_full_weights(runs, tmp_path)
     assert main(["finetune", "--full", "--run-dir", str(tmp_path / "full"), *common]) == 0
     for name in ("lora/adapter/adapter_model.safetensors", "full/model.safetensors"):
         assert (tmp_path / name).read_bytes() == (runs / name).read_bytes(), name
+    timings = ("tokens_per_s", "mfu")  # the only numbers that may differ
+    for kind in ("lora", "full"):
+        a, b = ([{k: v for k, v in m.items() if k not in timings} for m in read_metrics(r / kind / "metrics.jsonl")]
+                for r in (runs, tmp_path))
+        assert a == b and len(a) == 3, kind
+        assert (tmp_path / kind / "answers.jsonl").read_bytes() == (runs / kind / "answers.jsonl").read_bytes()
+
+
+def test_every_run_folder_records_what_produced_it(runs):
+    if not (runs / "merged").exists():
+        assert main(["merge", "--adapter", str(runs / "lora"), "--out", str(runs / "merged")]) == 0
+    for name in ("base", "lora", "full", "merged"):
+        config = json.loads((runs / name / "config.json").read_text())
+        prov = config["provenance"]
+        assert {"seed", "git_commit", "argv", "python", "torch", "numpy", "tiktoken", "safetensors"} <= set(prov), name
+        assert len(config["tokenizer"]["sha256"]) == 16, name
+    for name in ("base", "merged"):  # a model folder: its pretraining data and model settings
+        config = json.loads((runs / name / "config.json").read_text())
+        assert {"train_sha256", "val_sha256"} <= set(config["data"]) and "d_model" in config["model"]
+    for name in ("lora", "full"):  # a fine-tune: its base, its questions and its settings
+        config = json.loads((runs / name / "config.json").read_text())
+        assert {"train_sha256", "val_sha256"} <= set(config["sft"]) and config["base"] == str(runs / "base")
+        assert config["train"]["seed"] == config["provenance"]["seed"] and len(config["base_fingerprint"]) == 16
+    merged = json.loads((runs / "merged" / "config.json").read_text())
+    assert merged["merged_from"]["adapter"] == str(runs / "lora") and merged["merged_from"]["lora"]["r"] == 2
 
 
 def test_compare_measures_merged_against_unmerged(runs, capsys):

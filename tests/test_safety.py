@@ -22,6 +22,9 @@ def test_the_package_never_unpickles():
     for path in Path(microlm.__file__).parent.glob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*import pickle|pickle\.loads?\(", text, re.M), path
+        # the other ways to unpickle: modules built on pickle, and numpy's opt-in
+        assert not re.search(r"^\s*(import|from) (dill|shelve|joblib|cloudpickle|marshal)\b", text, re.M), path
+        assert "allow_pickle=True" not in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
 
