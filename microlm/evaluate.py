@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE, EvalSet
 from .generate import generate
+from .model import KVCache
 from .world import World, is_valid
 
 
@@ -114,15 +115,36 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
+def decode(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Greedy decoding's work with the tokens fixed: prefill `prompt` (1, t0) into a KV cache, then feed
+    `tokens` one at a time, taking the argmax of every step's logits as greedy decoding does. Returns
+    the argmaxes. Models that would choose different tokens still do exactly the same work here."""
+    model.eval()
+    cache = KVCache.for_model(model, 1, max_len=prompt.shape[1] + len(tokens))
+    picks = [model(prompt, cache)[:, -1].argmax(-1)]
+    for token in torch.tensor(tokens[:-1], device=prompt.device).view(-1, 1, 1):
+        picks.append(model(token, cache)[:, -1].argmax(-1))
+    return torch.cat(picks)
+
+
+@torch.no_grad()
 def per_token_latency(models: dict, prompt: torch.Tensor, n_tokens: int = 64, repeats: int = 7) -> dict:
     """Seconds per generated token (batch 1, KV cache, greedy) for each model, measured side by side:
-    the models take turns in every repeat, so drifts of the machine hit them all alike. Median and spread."""
+    the models take turns in every repeat, each repeat starting with the next model, so drifts of the
+    machine and the order of the turns hit them all alike. Median and spread.
+
+    Every model decodes the same tokens (the first model's greedy continuation): a fine-tuned model
+    that answers and writes `<|endoftext|>` would otherwise take the document-mask path for the rest
+    and be timed on different work than the base, which goes on telling a story."""
+    first = next(iter(models.values()))
+    tokens = generate(first, prompt, n_tokens, temperature=0.0)[0]  # no eot_id: always n_tokens
     times: dict[str, list[float]] = {name: [] for name in models}
-    for name, m in models.items():  # warm-up
-        generate(m, prompt, 4, temperature=0.0)
-    for _ in range(repeats):
-        for name, m in models.items():
+    for m in models.values():  # warm-up: one full measurement each, not kept
+        decode(m, prompt, tokens)
+    names = list(models)
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
             t = time.perf_counter()
-            generate(m, prompt, n_tokens, temperature=0.0)
-            times[name].append((time.perf_counter() - t) / n_tokens)
+            decode(models[name], prompt, tokens)
+            times[name].append((time.perf_counter() - t) / len(tokens))
     return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)} for name, ts in times.items()}

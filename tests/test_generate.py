@@ -120,3 +120,13 @@ def test_bad_sampling_arguments_are_refused(model, kwargs):
 def test_bad_prompts_are_refused(model, prompt):
     with pytest.raises(ValueError, match="prompt"):
         generate(model, prompt, 3)
+
+
+def test_decode_with_fixed_tokens_does_greedy_decodings_work(model):
+    # per_token_latency times `decode`: fed the model's own greedy tokens, its argmaxes are those tokens,
+    # so it does what greedy generation does; fed other tokens, it still does one step per token.
+    from microlm.evaluate import decode
+    prompt = torch.tensor([[1, 2, 3]])
+    tokens = generate(model, prompt, 10, temperature=0.0)[0]
+    assert decode(model, prompt, tokens).tolist() == tokens
+    assert len(decode(model, prompt, [5] * 10)) == 10
