@@ -250,8 +250,11 @@ class GPT(nn.Module):
         ids = cache.add_tokens(idx) if cache is not None else idx
         # Only an end token after the first position splits the rows into documents; without one the
         # document mask equals the causal mask, and the causal path is the faster (e.g. every sampling step).
+        # Under torch.compile (training, whose windows always hold several stories) the mask is always
+        # built: a branch on the data would split the compiled graph in two.
         eot = self.config.eot_id
-        mask = self.document_mask(ids, start) if eot >= 0 and bool((ids[:, 1:] == eot).any()) else None
+        split = eot >= 0 and (torch.compiler.is_compiling() or bool((ids[:, 1:] == eot).any()))
+        mask = self.document_mask(ids, start) if split else None
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):

@@ -93,3 +93,18 @@ def test_resuming_a_finished_run_reports_without_training(tmp_path):
     again, summary = run(tmp_path / "done", resume=True)
     assert summary["steps"] == CFG.max_steps and summary["val_loss"] == 1.0
     assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch, capsys):
+    # Where torch.compile cannot work (no C++ compiler, say), it fails at the first call; training then
+    # says so and goes on eagerly, ending exactly where an eager run ends.
+    def broken_compile(model):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = TrainConfig(**{**CFG.__dict__, "compile": True, "grad_accum": 1})
+    compiled_then_eager, _ = run(tmp_path / "a", cfg=cfg)
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); training without it" in capsys.readouterr().out
+    eager, _ = run(tmp_path / "b", cfg=TrainConfig(**{**CFG.__dict__, "grad_accum": 1}))
+    assert all(torch.equal(x, y) for x, y in zip(compiled_then_eager.state_dict().values(), eager.state_dict().values()))
