@@ -345,10 +345,15 @@ def test_a_damaged_model_folder_is_refused_naming_the_file(root, tmp_path, capsy
     run = copy_of(root / "base", tmp_path / "run")
     spoil, message = MODEL_FOLDER_DAMAGE[damage]
     spoil(run)
-    assert main(["sample", "--run-dir", str(run), "--n", "1"]) == 2
+    assert_refused_naming(capsys, ["sample", "--run-dir", str(run), "--n", "1"], run, message)
+
+
+def assert_refused_naming(capsys, argv, folder, message):
+    """The command exits 2 with one line that holds `message` and names `folder`; no pickle ran."""
+    assert main(argv) == 2
     err = one_clear_line(capsys)
-    assert message in err and str(run) in err
-    assert not (run / "PWNED").exists()
+    assert message in err and str(folder) in err
+    assert not (folder / "PWNED").exists()
 
 
 def _resumable(run_dir: Path) -> tuple[Path, TrainConfig]:
@@ -443,10 +448,7 @@ def test_a_damaged_or_mismatched_adapter_is_refused_naming_the_file(root, tmp_pa
     lora = copy_of(root / "lora", tmp_path / "lora")
     spoil, message = ADAPTER_DAMAGE[damage]
     spoil(lora)
-    assert main(["sample", "--adapter", str(lora), "--n", "1"]) == 2
-    err = one_clear_line(capsys)
-    assert message in err and str(lora) in err
-    assert not (lora / "PWNED").exists()
+    assert_refused_naming(capsys, ["sample", "--adapter", str(lora), "--n", "1"], lora, message)
 
 
 def test_a_corpus_that_is_missing_or_too_small_for_one_window_is_named(root, tmp_path, capsys):
