@@ -49,6 +49,7 @@ HELP = {
     "d_ff": "SwiGLU hidden size (0: about 8/3 of d_model)", "rope_base": "RoPE frequency base",
     "tie_embeddings": "share the input embedding and the output head", "norm_eps": "RMSNorm epsilon",
     "qk_norm": "RMS-normalise queries and keys per head",
+    "attn_scale": "attention scores are q.k * attn_scale / sqrt(head_dim)",
 }
 
 # Corpus sizes for `make pretrain` on a 2-core laptop CPU (see data/README.md for why these).

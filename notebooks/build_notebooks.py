@@ -607,8 +607,10 @@ MODEL = [
        $v = h W_v$ (`q_proj`, `k_proj`, `v_proj`; these are the layers LoRA adapts in notebook 4);
     2. normalise $q$ and $k$ per head (QK-norm: an RMSNorm over each head's channels, which keeps the
        scores in a usable range from the first step) and rotate them with RoPE;
-    3. score every query against every key, $q k^\top / \sqrt{d_{head}}$, and set the scores of
-       *future* keys to $-\infty$, so a position never sees what comes after it;
+    3. score every query against every key, $s \cdot q k^\top / \sqrt{d_{head}}$, and set the scores of
+       *future* keys to $-\infty$, so a position never sees what comes after it. With QK-norm,
+       $q k^\top / \sqrt{d_{head}}$ can be at most $\sqrt{d_{head}}$ times the norms' gains, too flat to
+       single out one token of a story at first; microlm multiplies it by $s$ = `attn_scale` = 2;
     4. turn each row of scores into weights with a softmax, and average the values with them;
     5. put the heads side by side again and mix them with `output_proj`.
 
@@ -623,7 +625,7 @@ MODEL = [
         heads = lambda t: t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)   # (B, H, T, hd)
         q, k, v = heads(attn.q_proj(h)), heads(attn.k_proj(h)), heads(attn.v_proj(h))
         q, k = rope_by_hand(attn.q_norm(q), positions), rope_by_hand(attn.k_norm(k), positions)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)                     # (B, H, T, T)
+        scores = q @ k.transpose(-2, -1) * config.attn_scale / math.sqrt(attn.head_dim)  # (B, H, T, T)
         if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool).tril()
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
@@ -641,7 +643,7 @@ MODEL = [
         heads = lambda t: t.view(1, T, a.n_heads, a.head_dim).transpose(1, 2)
         q = apply_rope(a.q_norm(heads(a.q_proj(h))), cos, sin)
         k = apply_rope(a.k_norm(heads(a.k_proj(h))), cos, sin)
-        fused = F.scaled_dot_product_attention(q, k, heads(a.v_proj(h)), is_causal=True)
+        fused = F.scaled_dot_product_attention(q, k, heads(a.v_proj(h)), is_causal=True, scale=a.scale)
         fused = a.output_proj(fused.transpose(1, 2).reshape(1, T, config.d_model))
 
     TOL = 1e-6

@@ -129,7 +129,7 @@ def test_attention_by_hand_equals_the_module(model):
     heads = lambda t: t.view(2, 9, 4, 8).transpose(1, 2)  # noqa: E731  (batch, heads, seq, head_dim)
     q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
     q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)  # QK-norm, then RoPE
-    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    scores = q @ k.transpose(-1, -2) * model.config.attn_scale / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 32)
     torch.testing.assert_close(attn(x, cos, sin), attn.output_proj(y), atol=1e-6, rtol=0)
