@@ -54,6 +54,7 @@ HELP = {
 
 # Corpus sizes for `make pretrain` on a 2-core laptop CPU (see data/README.md for why these).
 STORY_SPLITS = {"train": 60_000, "val": 2_000}
+LOOKUP_STORIES = 500  # validation stories scored for look-ups at the end of pretraining
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> None:
@@ -290,12 +291,12 @@ def cmd_pretrain(args) -> int:
           f"({summary['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
 
     # 5. Evaluate, sample, plot.
-    finish_pretrain(run_dir, model, tokenizer, summary, world, bound, args.n_samples, train_cfg.seed)
+    finish_pretrain(run_dir, model, tokenizer, summary, world, bound, args.n_samples, train_cfg.seed, val_docs)
     return 0
 
 
-def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples, seed) -> None:
-    from .evaluate import sample_texts, story_validity
+def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples, seed, val_docs=()) -> None:
+    from .evaluate import lookup_accuracy, sample_texts, story_validity
     from .plots import plot_pretrain_loss
     result = {k: summary[k] for k in ("val_loss", "val_ppl", "val_bpc", "tokens_per_s", "mfu", "steps",
                                       "tokens_seen", "train_seconds", "matmul_peak_flops", "flops_per_token")
@@ -317,6 +318,13 @@ def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples,
               "are valid in the story world")
     else:
         lines = samples
+    if world and val_docs:
+        # Which of the world's rules the model has learned: its top choice where a story restates a fact
+        result["lookups"] = lookup_accuracy(model, tokenizer, world, list(val_docs[:LOOKUP_STORIES]))
+        print(f"lookups how often the model's top choice is the fact a story restates "
+              f"({min(len(val_docs), LOOKUP_STORIES)} validation stories; data/README.md):")
+        for name, c in result["lookups"].items():
+            print(f"        {name:<24} {c['accuracy']:6.1%} of {c['total']}")
     save_text(run_dir / "samples.txt", "".join(line + "\n" for line in lines))
     for line in lines[:3]:
         print("        " + line)
@@ -370,6 +378,8 @@ def cmd_report(args) -> int:
     if "sample_validity" in s:
         target = "met" if s["sample_validity"] >= 0.95 else "not met"
         rows.append(("valid samples (T = 1.0)", f"{s['sample_validity']:.1%} of {s['n_samples']} (target >= 95%: {target})"))
+    for name, c in s.get("lookups", {}).items():
+        rows.append((f"look-up: {name}", f"{c['accuracy']:.1%} of {c['total']} restated facts"))
     rows += [("training", f"{s['steps']} steps, {s['tokens_seen']:,} tokens, {s['train_seconds']:.0f} s"),
              ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s"),
              ("model FLOP utilisation", f"{s['mfu']:.1%} of {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "

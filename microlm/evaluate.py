@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .data import IGNORE, EvalSet
 from .generate import generate
 from .model import KVCache
-from .world import World, is_valid
+from .world import World, is_valid, restated_facts
 
 
 @torch.no_grad()
@@ -70,6 +70,34 @@ def sample_texts(model, tokenizer, n: int, temperature: float = 1.0, top_k: int 
 def story_validity(world: World, texts: list[str]) -> float:
     """Fraction of texts that are stories the world can tell (a finite log-probability)."""
     return sum(is_valid(world, t) for t in texts) / len(texts)
+
+
+@torch.no_grad()
+def lookup_accuracy(model, tokenizer, world: World, stories: list[str]) -> dict[str, dict]:
+    """How often the model's top choice is the restated fact (see world.restated_facts), by what it
+    restates and how long ago the story said it: {"place, earlier event": {"correct", "total", "accuracy"}, ...}.
+    Teacher-forced on valid stories; scores the first token of the restated word. Bits per character
+    average over everything; this shows which look-ups the model has learned and which it guesses."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counts: dict[str, list[int]] = {}
+    for story in stories:
+        ids = [tokenizer.eot_id] + tokenizer.encode_ordinary(story)
+        if len(ids) > model.config.context_length:
+            continue
+        best = model(torch.tensor([ids], device=device))[0].argmax(-1).tolist()
+        for offset, what, when in restated_facts(world, story):
+            # the word starts after a space; the text before that space encodes to the same tokens as
+            # the start of the whole story, so the word's first token is the next one
+            pos = 1 + len(tokenizer.encode_ordinary(story[: offset - 1]))
+            c = counts.setdefault(f"{what}, {when}", [0, 0])
+            c[0] += best[pos - 1] == ids[pos]
+            c[1] += 1
+    model.train(was_training)
+    order = [f"{w}, {t}" for w in ("place", "holder") for t in ("intro", "previous event", "earlier event")]
+    return {k: {"correct": counts[k][0], "total": counts[k][1], "accuracy": counts[k][0] / counts[k][1]}
+            for k in order if k in counts}
 
 
 # ---- fine-tuning: exact match, merged vs unmerged ----------------------------------------------

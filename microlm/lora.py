@@ -12,6 +12,7 @@ call, never a side effect of .eval(), and it is guarded against being applied tw
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -164,16 +165,24 @@ def save_adapter(model: nn.Module, folder: str | Path) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(model)
-    config = {"format": "microlm-lora", "r": first.r, "alpha": first.alpha, "use_rslora": first.use_rslora,
-              "dropout": getattr(first.dropout, "p", 0.0), "targets": sorted({n.rsplit(".", 1)[-1] for n in layers}),
-              "base_fingerprint": base_fingerprint(model), "n_params": sum(t.numel() for t in tensors.values())}
     with atomic_path(folder / "adapter_model.safetensors") as tmp:
         save_file(tensors, str(tmp))
+    # Each file is replaced atomically, but not the two together: the config, written last, names the
+    # weights by their hash, so a crash between the two writes leaves a pair that load_adapter refuses.
+    config = {"format": "microlm-lora", "r": first.r, "alpha": first.alpha, "use_rslora": first.use_rslora,
+              "dropout": getattr(first.dropout, "p", 0.0), "targets": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+              "base_fingerprint": base_fingerprint(model), "n_params": sum(t.numel() for t in tensors.values()),
+              "weights_sha256": _file_sha256(folder / "adapter_model.safetensors")}
     save_json(folder / "adapter_config.json", config)
     return config
 
 
-ADAPTER_KEYS = ("format", "r", "alpha", "use_rslora", "dropout", "targets", "base_fingerprint", "n_params")
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+ADAPTER_KEYS = ("format", "r", "alpha", "use_rslora", "dropout", "targets", "base_fingerprint", "n_params",
+                "weights_sha256")
 
 
 def read_adapter_config(folder: str | Path) -> dict:
@@ -211,7 +220,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict:
         raise CheckpointError(f"{folder}: this adapter was trained on another base model (fingerprint "
                               f"{config.get('base_fingerprint')} != {base_fingerprint(model)}); load it onto the "
                               "model folder it was trained on")
-    tensors = read_tensors(folder / "adapter_model.safetensors", "adapter")
+    weights = folder / "adapter_model.safetensors"
+    tensors = read_tensors(weights, "adapter")
+    if _file_sha256(weights) != config["weights_sha256"]:
+        raise CheckpointError(f"{weights}: these weights are not the ones {folder / 'adapter_config.json'} was "
+                              "written for (a save was cut off between the two files, or one was copied over); "
+                              "save the adapter again, or copy both files from the same run")
     expected = adapter_tensors(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

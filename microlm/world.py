@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import math
 import random
+import re
 from dataclasses import dataclass, field, fields
 from typing import Iterator
 
@@ -252,6 +253,32 @@ def parse(world: World, text: str) -> tuple[list[int], StoryState]:
     if d.pos != len(text):
         raise InvalidStory(text, d.pos, ["end of story"])
     return d.choices, state
+
+
+_EVENT = re.compile(r"(?P<mover>\w+) goes from the (?P<place>\w+) to the (?P<to>\w+)\."
+                    r"|The (?P<kind>\w+) passes from (?P<giver>\w+) to (?P<receiver>\w+)\.")
+
+
+def restated_facts(world: World, text: str) -> list[tuple[int, str, str]]:
+    """Where a valid story restates what it already said: (character offset, "place" or "holder",
+    when the fact was stated) for the `park` of every `... goes from the park` and the `Tom` of every
+    `... passes from Tom`. "when" is "intro" (the start place, the first holder), "previous event"
+    (the event just before set it) or "earlier event" (an older one: a real look-up past other events).
+    These words are fixed by the story so far, so a model that tracks the world predicts them surely."""
+    parse(world, text)  # refuses a text that is not a story
+    intro_end = text.index(". ") + 2 if ". " in text else len(text)
+    stated: dict[str, int] = {}  # person or kind -> index of the event that set its place or holder
+    facts, focus = [], None
+    for i, m in enumerate(_EVENT.finditer(text, intro_end)):
+        if m["mover"]:
+            who = focus if m["mover"] in ("She", "He") else m["mover"]
+            what, key, offset, focus = "place", who, m.start("place"), who
+        else:
+            what, key, offset, focus = "holder", m["kind"], m.start("giver"), m["receiver"]
+        when = stated.get(key)
+        facts.append((offset, what, "intro" if when is None else "previous event" if when == i - 1 else "earlier event"))
+        stated[key] = i
+    return facts
 
 
 def log_prob(world: World, text: str) -> float:

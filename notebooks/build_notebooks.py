@@ -1038,6 +1038,23 @@ PRETRAINING = [
                   f" >>> {repr(text[e.pos:e.pos + 25])[1:-1]}\n  the world allowed: {e.expected[:6]}")
     """),
     md(r"""
+    ## Which look-ups has it learned?
+
+    A story restates what it already said: `Tom goes from the park` repeats where Tom is, and `The cup
+    passes from Mia` who holds the cup. Those words cost no entropy (the story so far fixes them), so a
+    model that tracks the world predicts them surely. `lookup_accuracy` feeds validation stories to the
+    model and checks its top choice at each restated word, grouped by what is restated and how far back
+    the story said it: in the introduction, in the event just before, or in an earlier event (a real
+    look-up past other events). Bits per character average all of this away; this table shows which
+    rules the model has learned and which it still guesses.
+    """),
+    code(r"""
+    from microlm.evaluate import lookup_accuracy
+
+    for name, c in lookup_accuracy(model, tok, world, val_texts[:200]).items():
+        print(f"{name:<24} {c['accuracy']:6.1%} of {c['total']}")
+    """),
+    md(r"""
     ## The KV cache: same logits, less work
 
     To generate, a model predicts one token, appends it, and predicts again. Without a cache, each
@@ -1106,7 +1123,7 @@ PRETRAINING = [
     md(r"""
     ## Where this leaves us
 
-    The short run above stops well before the bound; `make pretrain` runs the same code for 1,800
+    The short run above stops well before the bound; `make pretrain` runs the same code for 1,500
     steps and gets much closer. Its numbers, when that run is present in `runs/pretrain`, are printed
     below (full setting only). Compare its two measures: a model can come close to the bound in bits
     per character long before its samples are reliably valid, because the loss forgives a little
@@ -1121,6 +1138,8 @@ PRETRAINING = [
         s = json.loads(finished.read_text())
         print(f"runs/pretrain: {s['steps']} steps, validation {s['val_bpc']:.4f} bits/char = "
               f"{s['val_bpc'] / s['bound_bpc']:.3f} x the bound; {s.get('sample_validity', float('nan')):.0%} of its samples valid")
+        for name, c in s.get("lookups", {}).items():
+            print(f"  look-up, {name:<24} {c['accuracy']:6.1%} of {c['total']}")
     else:
         print("(no finished `make pretrain` run to compare with" + (", or the fast setting)" if FAST else ")"))
     """),
@@ -1589,8 +1608,9 @@ FINETUNE = [
     An adapter is saved on its own: `adapter_model.safetensors` holds only the A and B matrices, and
     `adapter_config.json` the settings needed to rebuild the layers (rank, alpha, targets, dropout) and
     a fingerprint of the base weights, so that loading the adapter onto another base model with the
-    same shapes is refused instead of silently producing garbage. Both the adapter and the model are
-    stored in float32.
+    same shapes is refused instead of silently producing garbage. It also records the hash of the
+    weights file, which pairs the two files: a save cut off between them is refused too. Both the
+    adapter and the model are stored in float32.
     """),
     code(r"""
     from safetensors import safe_open

@@ -130,3 +130,34 @@ def test_decode_with_fixed_tokens_does_greedy_decodings_work(model):
     tokens = generate(model, prompt, 10, temperature=0.0)[0]
     assert decode(model, prompt, tokens).tolist() == tokens
     assert len(decode(model, prompt, [5] * 10)) == 10
+
+
+class Oracle(torch.nn.Module):
+    """Teacher-forced "model" whose top choice at every position is the token that follows (or, with
+    wrong=True, never is): lookup_accuracy must then report 100% (or 0%) everywhere."""
+
+    def __init__(self, vocab_size, wrong=False):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab_size, context_length=256, d_model=8, n_layers=1, n_heads=1)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.wrong = wrong
+
+    def forward(self, idx):
+        following = torch.cat([idx[:, 1:], idx[:, :1]], dim=1)
+        logits = torch.nn.functional.one_hot(following, self.config.vocab_size).float()
+        return -logits if self.wrong else logits
+
+
+def test_lookup_accuracy_counts_every_restated_fact_by_kind():
+    from microlm.evaluate import lookup_accuracy
+    from microlm.tokenizer import EOT, Tokenizer, train_bpe
+    from microlm.world import World, restated_facts, sample_story
+    import random
+    world, rng = World(), random.Random(3)
+    stories = [sample_story(world, rng).text for _ in range(40)]
+    tok = Tokenizer.from_bpe(train_bpe(EOT.join(stories), 300))
+    right = lookup_accuracy(Oracle(tok.n_vocab), tok, world, stories)
+    wrong = lookup_accuracy(Oracle(tok.n_vocab, wrong=True), tok, world, stories)
+    assert sum(v["total"] for v in right.values()) == sum(len(restated_facts(world, s)) for s in stories)
+    assert {v["accuracy"] for v in right.values()} == {1.0} and {v["accuracy"] for v in wrong.values()} == {0.0}
+    assert {"place, intro", "place, earlier event", "holder, intro"} <= set(right)

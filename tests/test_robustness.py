@@ -413,6 +413,12 @@ def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_resumes_from_the_pr
     assert load_checkpoint(tmp_path, model, make_optimizer(model, cfg), cfg) == (1, 8, 0.5)
 
 
+def _resave_weights(path: Path):
+    """The same keys and shapes with other values: what a save that died after the weights leaves."""
+    from safetensors.torch import load_file, save_file
+    save_file({k: v + 1 for k, v in load_file(str(path)).items()}, str(path))
+
+
 def _edit_adapter_config(lora: Path, **changes):
     path = lora / "adapter" / "adapter_config.json"
     config = {**json.loads(path.read_text()), **changes}
@@ -423,6 +429,9 @@ ADAPTER_DAMAGE = {
     "adapter missing": (lambda a: shutil.rmtree(a / "adapter"), "no adapter here (adapter_config.json is missing)"),
     "weights truncated": (lambda a: _truncate(a / "adapter" / "adapter_model.safetensors"),
                           "adapter_model.safetensors: not a readable safetensors adapter file"),
+    "weights of another save (cut off between the two files)": (
+        lambda a: _resave_weights(a / "adapter" / "adapter_model.safetensors"),
+        "these weights are not the ones"),
     "weights are a pickle": (lambda a: (a / "adapter" / "adapter_model.safetensors").write_bytes(
         _pickle_bytes(a / "PWNED")), "which microlm never loads"),
     "config of another kind": (lambda a: shutil.copy(a / "config.json", a / "adapter" / "adapter_config.json"),

@@ -7,7 +7,7 @@ import pytest
 
 from microlm.world import (
     InvalidStory, World, enumerate_stories, entropy_stats, generate_splits, is_valid, log_prob,
-    parse, render, sample_story, split_of,
+    parse, render, restated_facts, sample_story, split_of,
 )
 
 TINY = World(female_names=("Ann",), male_names=("Tom", "Sam"), places=("park", "shop"), colours=("red", "blue"),
@@ -110,3 +110,21 @@ def test_world_rejects_bad_configuration():
         World(cast_size=1)
     with pytest.raises(ValueError, match="stop_prob"):
         World(stop_prob=1.0)
+
+
+def test_restated_facts_name_each_look_up_and_how_far_back_it_reaches():
+    world = World()
+    text = ("At the shop, Ann has a red ball, Mia has a blue cup and Tom has a pink key. Tom goes from the shop "
+            "to the park. He goes from the park to the beach. The cup passes from Mia to Ann. The cup passes "
+            "from Ann to Tom. He goes from the beach to the shop. The ball passes from Ann to Mia.")
+    facts = [(text[offset:].split(" ")[0], what, when) for offset, what, when in restated_facts(world, text)]
+    assert facts == [
+        ("shop", "place", "intro"),              # Tom has not moved: everyone starts at the shop
+        ("park", "place", "previous event"),     # "He" is Tom, who just went to the park
+        ("Mia", "holder", "intro"),
+        ("Ann", "holder", "previous event"),
+        ("beach", "place", "earlier event"),     # Tom's last move is two events back, past two gifts
+        ("Ann", "holder", "intro"),
+    ]
+    with pytest.raises(InvalidStory):
+        restated_facts(world, text.replace("from the beach", "from the park"))
