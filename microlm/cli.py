@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--sweep-ranks", default="1,2,4,8,16,32",
                      help="ranks to train at the same budget for the rank sweep ('' for none; default: %(default)s)")
     cmp.add_argument("--latency-tokens", type=int, default=64, help="tokens generated per latency measurement")
-    cmp.add_argument("--repeats", type=int, default=7, help="repeats of each timing (median reported)")
+    cmp.add_argument("--repeats", type=int, default=21, help="repeats of each timing (median reported; default: 21)")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     mer = sub.add_parser("merge", help="fold a LoRA adapter into its base: a standalone model folder",

@@ -81,7 +81,7 @@ def step_cost(models: dict, batch, cfg: TrainConfig, repeats: int = 9) -> dict:
 
 
 def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_tokens: int = 64,
-                repeats: int = 7, progress: bool = True) -> dict:
+                repeats: int = 21, progress: bool = True) -> dict:
     from .plots import plot_finetune_loss, plot_latency, plot_param_counts, plot_rank_sweep
     from .train import read_metrics
     lora_dir = Path(lora_dir)
