@@ -12,7 +12,6 @@ call, never a side effect of .eval(), and it is guarded against being applied tw
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 from .checkpoint import (CheckpointError, atomic_path, check_keys, fingerprint, load_json, read_tensors, save_json,
                          unique_tensors)
+from .runs import sha256_file
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -172,13 +172,10 @@ def save_adapter(model: nn.Module, folder: str | Path) -> dict:
     config = {"format": "microlm-lora", "r": first.r, "alpha": first.alpha, "use_rslora": first.use_rslora,
               "dropout": getattr(first.dropout, "p", 0.0), "targets": sorted({n.rsplit(".", 1)[-1] for n in layers}),
               "base_fingerprint": base_fingerprint(model), "n_params": sum(t.numel() for t in tensors.values()),
-              "weights_sha256": _file_sha256(folder / "adapter_model.safetensors")}
+              "weights_sha256": sha256_file(folder / "adapter_model.safetensors")}
     save_json(folder / "adapter_config.json", config)
     return config
 
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 ADAPTER_KEYS = ("format", "r", "alpha", "use_rslora", "dropout", "targets", "base_fingerprint", "n_params",
@@ -222,7 +219,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict:
                               "model folder it was trained on")
     weights = folder / "adapter_model.safetensors"
     tensors = read_tensors(weights, "adapter")
-    if _file_sha256(weights) != config["weights_sha256"]:
+    if sha256_file(weights) != config["weights_sha256"]:
         raise CheckpointError(f"{weights}: these weights are not the ones {folder / 'adapter_config.json'} was "
                               "written for (a save was cut off between the two files, or one was copied over); "
                               "save the adapter again, or copy both files from the same run")
