@@ -54,7 +54,7 @@ HELP = {
 
 # Corpus sizes for `make pretrain` on a 2-core laptop CPU (see data/README.md for why these).
 STORY_SPLITS = {"train": 60_000, "val": 2_000}
-LOOKUP_STORIES = 500  # validation stories scored for look-ups at the end of pretraining
+LOOKUP_STORIES = 500  # validation stories scored for look-ups and key probes at the end of pretraining
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> None:
@@ -295,8 +295,17 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+PROBE_LABELS = {"place": "who moved, at the destination", "holder": "which object, at the receiver"}
+
+
+def probe_row(p: dict) -> str:
+    """One key_probes entry: accuracy after each block, and chance."""
+    return (" / ".join(f"{a:.1%}" for a in p["by_layer"]) + f" after blocks 1-{len(p['by_layer'])} "
+            f"(chance {p['chance']:.1%}; {p['n']} facts)")
+
+
 def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples, seed, val_docs=()) -> None:
-    from .evaluate import lookup_accuracy, sample_texts, story_validity
+    from .evaluate import key_probes, lookup_accuracy, sample_texts, story_validity
     from .plots import plot_pretrain_loss
     result = {k: summary[k] for k in ("val_loss", "val_ppl", "val_bpc", "tokens_per_s", "mfu", "steps",
                                       "tokens_seen", "train_seconds", "matmul_peak_flops", "flops_per_token")
@@ -325,6 +334,12 @@ def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples,
               f"({min(len(val_docs), LOOKUP_STORIES)} validation stories; data/README.md):")
         for name, c in result["lookups"].items():
             print(f"        {name:<24} {c['accuracy']:6.1%} of {c['total']}")
+        # Why a look-up fails: is the key (who moved, which object) written where the fact was set?
+        result["key_probes"] = key_probes(model, tokenizer, world, list(val_docs[:LOOKUP_STORIES]))
+        print("probes  is the key written at the word that set the fact? held-out accuracy of a linear probe, "
+              "after each block:")
+        for what, p in result["key_probes"].items():
+            print(f"        {PROBE_LABELS[what]:<33} {probe_row(p)}")
     save_text(run_dir / "samples.txt", "".join(line + "\n" for line in lines))
     for line in lines[:3]:
         print("        " + line)
@@ -380,6 +395,8 @@ def cmd_report(args) -> int:
         rows.append(("valid samples (T = 1.0)", f"{s['sample_validity']:.1%} of {s['n_samples']} (target >= 95%: {target})"))
     for name, c in s.get("lookups", {}).items():
         rows.append((f"look-up: {name}", f"{c['accuracy']:.1%} of {c['total']} restated facts"))
+    for what, p in s.get("key_probes", {}).items():
+        rows.append((f"probe: {PROBE_LABELS[what]}", probe_row(p)))
     rows += [("training", f"{s['steps']} steps, {s['tokens_seen']:,} tokens, {s['train_seconds']:.0f} s"),
              ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s"),
              ("model FLOP utilisation", f"{s['mfu']:.1%} of {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "

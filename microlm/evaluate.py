@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .data import IGNORE, EvalSet
 from .generate import generate
 from .model import KVCache
-from .world import World, is_valid, restated_facts
+from .world import World, is_valid, restated_facts, stored_facts
 
 
 @torch.no_grad()
@@ -98,6 +98,77 @@ def lookup_accuracy(model, tokenizer, world: World, stories: list[str]) -> dict[
     order = [f"{w}, {t}" for w in ("place", "holder") for t in ("intro", "previous event", "earlier event")]
     return {k: {"correct": counts[k][0], "total": counts[k][1], "accuracy": counts[k][0] / counts[k][1]}
             for k in order if k in counts}
+
+
+@torch.no_grad()
+def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
+    """The residual stream after each block: ids (1, seq) -> (n_layers, seq, d_model)."""
+    outs = []
+    hooks = [block.register_forward_hook(lambda module, args, out: outs.append(out[0])) for block in model.blocks]
+    try:
+        model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(outs)
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, seed: int = 0) -> float:
+    """Held-out accuracy of a linear probe: a softmax regression trained (full batch, Adam) to read
+    `labels` (n,) from `features` (n, d) on a seeded 80% of the rows, scored on the other 20%. High
+    accuracy means the information is there, and in a form a single matrix (such as an attention
+    head's key projection) can read."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    split = int(0.8 * len(labels))
+    train, test = order[:split], order[split:]
+    x = features.float()
+    x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(x.shape[1], int(labels.max()) + 1)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(probe(x[train]), labels[train]).backward()
+            opt.step()
+    with torch.no_grad():
+        return (probe(x[test]).argmax(-1) == labels[test]).float().mean().item()
+
+
+@torch.no_grad()
+def key_probes(model, tokenizer, world: World, stories: list[str]) -> dict[str, dict]:
+    """Can the model find a fact by its key? At the word where each event sets a fact
+    (world.stored_facts: a move's destination, a pass's receiver), a linear probe reads the fact's key
+    (who moved; which object passed) from the residual stream after each block. Restating the fact
+    later means finding this word by that key, which attention can do only if the key is written here.
+    Returns {"place"/"holder": {"n", "chance" (the commonest key's share), "by_layer": [accuracy, ...]}}."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    feats: dict[str, list[torch.Tensor]] = {"place": [], "holder": []}
+    keys: dict[str, list[str]] = {"place": [], "holder": []}
+    for story in stories:
+        ids = [tokenizer.eot_id] + tokenizer.encode_ordinary(story)
+        if len(ids) > model.config.context_length:
+            continue
+        h = hidden_states(model, torch.tensor([ids], device=device)).cpu()
+        for offset, what, key in stored_facts(world, story):
+            pos = 1 + len(tokenizer.encode_ordinary(story[: offset - 1]))  # as in lookup_accuracy
+            feats[what].append(h[:, pos])
+            keys[what].append(key)
+    model.train(was_training)
+    out = {}
+    for what in ("place", "holder"):
+        if len(keys[what]) < 20:
+            continue
+        names = sorted(set(keys[what]))
+        labels = torch.tensor([names.index(k) for k in keys[what]])
+        x = torch.stack(feats[what])  # (n, n_layers, d_model)
+        out[what] = {"n": len(labels), "chance": labels.bincount().max().item() / len(labels),
+                     "by_layer": [probe_accuracy(x[:, layer], labels) for layer in range(x.shape[1])]}
+    return out
 
 
 # ---- fine-tuning: exact match, merged vs unmerged ----------------------------------------------

@@ -259,26 +259,44 @@ _EVENT = re.compile(r"(?P<mover>\w+) goes from the (?P<place>\w+) to the (?P<to>
                     r"|The (?P<kind>\w+) passes from (?P<giver>\w+) to (?P<receiver>\w+)\.")
 
 
+def _events(world: World, text: str):
+    """For each event of a valid story: (its regex match, "place" or "holder", the key whose fact it
+    changes: the person who moves, `She`/`He` resolved, or the kind of the object that passes)."""
+    parse(world, text)  # refuses a text that is not a story
+    intro_end = text.index(". ") + 2 if ". " in text else len(text)
+    focus = None  # the person the last event ended on: who `She`/`He` is
+    for m in _EVENT.finditer(text, intro_end):
+        if m["mover"]:
+            focus = focus if m["mover"] in ("She", "He") else m["mover"]
+            yield m, "place", focus
+        else:
+            yield m, "holder", m["kind"]
+            focus = m["receiver"]
+
+
 def restated_facts(world: World, text: str) -> list[tuple[int, str, str]]:
     """Where a valid story restates what it already said: (character offset, "place" or "holder",
     when the fact was stated) for the `park` of every `... goes from the park` and the `Tom` of every
     `... passes from Tom`. "when" is "intro" (the start place, the first holder), "previous event"
     (the event just before set it) or "earlier event" (an older one: a real look-up past other events).
     These words are fixed by the story so far, so a model that tracks the world predicts them surely."""
-    parse(world, text)  # refuses a text that is not a story
-    intro_end = text.index(". ") + 2 if ". " in text else len(text)
     stated: dict[str, int] = {}  # person or kind -> index of the event that set its place or holder
-    facts, focus = [], None
-    for i, m in enumerate(_EVENT.finditer(text, intro_end)):
-        if m["mover"]:
-            who = focus if m["mover"] in ("She", "He") else m["mover"]
-            what, key, offset, focus = "place", who, m.start("place"), who
-        else:
-            what, key, offset, focus = "holder", m["kind"], m.start("giver"), m["receiver"]
+    facts = []
+    for i, (m, what, key) in enumerate(_events(world, text)):
         when = stated.get(key)
+        offset = m.start("place") if what == "place" else m.start("giver")
         facts.append((offset, what, "intro" if when is None else "previous event" if when == i - 1 else "earlier event"))
         stated[key] = i
     return facts
+
+
+def stored_facts(world: World, text: str) -> list[tuple[int, str, str]]:
+    """Where a valid story sets a fact that a later event may restate: (character offset, "place" or
+    "holder", key) for the `beach` of every `... goes from the park to the beach` (key: the person who
+    moved) and the `Ann` of every `The cup passes from Tom to Ann` (key: `cup`). To restate the fact
+    later, a model has to find this word by its key: who went there, which object changed hands."""
+    return [(m.start("to") if what == "place" else m.start("receiver"), what, key)
+            for m, what, key in _events(world, text)]
 
 
 def log_prob(world: World, text: str) -> float:

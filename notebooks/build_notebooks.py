@@ -1055,6 +1055,28 @@ PRETRAINING = [
         print(f"{name:<24} {c['accuracy']:6.1%} of {c['total']}")
     """),
     md(r"""
+    ## Is the key where attention can find it?
+
+    To restate where Tom is, the model has to find the word where his last move put him (`... to the
+    beach`) among every other destination in the story. Attention finds positions by what is written
+    *at* them: so at `beach` the model must have written "Tom moved here", taken from the sentence's
+    first word (or from whoever `He` is). Likewise, to restate who holds the cup, it must have written "the cup" at
+    the receiver of the cup's last pass.
+
+    A **linear probe** checks whether it did. `key_probes` collects the residual stream after each block
+    at every such word (`world.stored_facts`: a move's destination, a pass's receiver) and trains a
+    softmax regression to read the key (who moved; which object passed) on 80% of them, then scores it on
+    the rest. A high score means the key is there, in a form one matrix (such as an attention head's key
+    projection) can read; a score near chance means it is not, and no head can look the fact up by it.
+    """),
+    code(r"""
+    from microlm.evaluate import key_probes
+
+    for what, p in key_probes(model, tok, world, val_texts[:200]).items():
+        label = {"place": "who moved, at the destination", "holder": "which object, at the receiver"}[what]
+        print(f"{label:<32}", "  ".join(f"{a:6.1%}" for a in p["by_layer"]), f"  (chance {p['chance']:.1%}, {p['n']} facts)")
+    """),
+    md(r"""
     ## The KV cache: same logits, less work
 
     To generate, a model predicts one token, appends it, and predicts again. Without a cache, each
@@ -1140,6 +1162,9 @@ PRETRAINING = [
               f"{s['val_bpc'] / s['bound_bpc']:.3f} x the bound; {s.get('sample_validity', float('nan')):.0%} of its samples valid")
         for name, c in s.get("lookups", {}).items():
             print(f"  look-up, {name:<24} {c['accuracy']:6.1%} of {c['total']}")
+        for what, p in s.get("key_probes", {}).items():
+            print(f"  probe, key at the {'destination' if what == 'place' else 'receiver':<12}",
+                  "  ".join(f"{a:6.1%}" for a in p["by_layer"]), f"  (chance {p['chance']:.1%})")
     else:
         print("(no finished `make pretrain` run to compare with" + (", or the fast setting)" if FAST else ")"))
     """),

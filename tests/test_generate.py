@@ -161,3 +161,59 @@ def test_lookup_accuracy_counts_every_restated_fact_by_kind():
     assert sum(v["total"] for v in right.values()) == sum(len(restated_facts(world, s)) for s in stories)
     assert {v["accuracy"] for v in right.values()} == {1.0} and {v["accuracy"] for v in wrong.values()} == {0.0}
     assert {"place, intro", "place, earlier event", "holder, intro"} <= set(right)
+
+
+def test_probe_accuracy_reads_what_is_there_and_not_what_is_not():
+    from microlm.evaluate import probe_accuracy
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=g)
+    noise = torch.randn(400, 16, generator=g)
+    written = noise.clone()
+    written[:, :4] += 4 * torch.nn.functional.one_hot(labels, 4)  # the label is in the features
+    assert probe_accuracy(written, labels) >= 0.95
+    assert probe_accuracy(noise, labels) <= 0.45  # chance is 0.25 (80 held-out rows: 0.45 is 4 sd above)
+
+
+def test_hidden_states_are_the_residual_stream_the_head_reads(model):
+    from microlm.evaluate import hidden_states
+    ids = torch.randint(0, 40, (1, 10))
+    h = hidden_states(model, ids)
+    assert h.shape == (2, 10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model.final_norm(h[-1])), model(ids)[0], atol=1e-5, rtol=0)
+
+
+class SentenceBag(torch.nn.Module):
+    """A stand-in model whose one block writes, at every position, the words of the sentence so far
+    (or, with current_only, just the current word): the key of a fact is there in one and not the other."""
+
+    def __init__(self, vocab_size, dot_id, current_only=False):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab_size, context_length=4096)  # no story is skipped
+        self.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+        self.vocab_size, self.dot_id, self.current_only = vocab_size, dot_id, current_only
+        self.device_anchor = torch.nn.Parameter(torch.zeros(0))  # where the evaluation code finds the device
+
+    def forward(self, idx):
+        onehot = torch.nn.functional.one_hot(idx[0], self.vocab_size).float()
+        if not self.current_only:
+            sentence = torch.cumsum(torch.cat([torch.zeros(1), (idx[0] == self.dot_id).float()[:-1]]), 0)
+            onehot = ((sentence[:, None] == sentence[None, :]).tril().float() @ onehot)
+        return self.blocks[0](onehot[None])
+
+
+def test_key_probes_find_a_key_only_where_the_model_wrote_it():
+    import random
+    from microlm.evaluate import key_probes
+    from microlm.tokenizer import EOT, Tokenizer, train_bpe
+    from microlm.world import World, sample_story, stored_facts
+    world, rng = World(pronouns=False), random.Random(5)  # every move names its mover in its sentence
+    stories = [sample_story(world, rng).text for _ in range(300)]
+    tok = Tokenizer.from_bpe(train_bpe(EOT.join(stories), 300))
+    dot = tok.encode_ordinary(".")[0]
+    there = key_probes(SentenceBag(tok.n_vocab, dot), tok, world, stories)
+    absent = key_probes(SentenceBag(tok.n_vocab, dot, current_only=True), tok, world, stories)
+    assert there["place"]["n"] == sum(w == "place" for s in stories for _, w, _ in stored_facts(world, s))
+    for what in ("place", "holder"):
+        assert there[what]["by_layer"][0] >= 0.9  # the mover's name / the object's kind is in the sentence
+        assert absent[what]["by_layer"][0] <= absent[what]["chance"] + 0.15  # the destination alone says nothing

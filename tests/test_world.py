@@ -7,7 +7,7 @@ import pytest
 
 from microlm.world import (
     InvalidStory, World, enumerate_stories, entropy_stats, generate_splits, is_valid, log_prob,
-    parse, render, restated_facts, sample_story, split_of,
+    parse, render, restated_facts, sample_story, split_of, stored_facts,
 )
 
 TINY = World(female_names=("Ann",), male_names=("Tom", "Sam"), places=("park", "shop"), colours=("red", "blue"),
@@ -128,3 +128,13 @@ def test_restated_facts_name_each_look_up_and_how_far_back_it_reaches():
     ]
     with pytest.raises(InvalidStory):
         restated_facts(world, text.replace("from the beach", "from the park"))
+
+
+def test_stored_facts_name_where_each_event_sets_a_fact_and_its_key():
+    world = World()
+    text = ("At the shop, Ann has a red ball, Mia has a blue cup and Tom has a pink key. Tom goes from the shop "
+            "to the park. He goes from the park to the beach. The cup passes from Mia to Ann. She goes from "
+            "the shop to the forest.")
+    facts = [(text[offset:].split(" ")[0].rstrip("."), what, key) for offset, what, key in stored_facts(world, text)]
+    assert facts == [("park", "place", "Tom"), ("beach", "place", "Tom"),  # "He" is Tom
+                     ("Ann", "holder", "cup"), ("forest", "place", "Ann")]  # "She" is Ann, who just got the cup
