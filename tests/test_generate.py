@@ -217,3 +217,24 @@ def test_key_probes_find_a_key_only_where_the_model_wrote_it():
     for what in ("place", "holder"):
         assert there[what]["by_layer"][0] >= 0.9  # the mover's name / the object's kind is in the sentence
         assert absent[what]["by_layer"][0] <= absent[what]["chance"] + 0.15  # the destination alone says nothing
+
+
+def test_key_probes_read_the_word_that_sets_the_fact(monkeypatch):
+    # With a stand-in that writes only the current token, the features the probe gets must be the
+    # tokens of the destinations and receivers themselves: an off-by-one position would show here.
+    import random
+    import microlm.evaluate as ev
+    from microlm.tokenizer import EOT, Tokenizer, train_bpe
+    from microlm.world import World, sample_story, stored_facts
+    world, rng = World(), random.Random(7)
+    stories = [sample_story(world, rng).text for _ in range(60)]
+    tok = Tokenizer.from_bpe(train_bpe(EOT.join(stories), 1000))  # merges until every word is one token
+    seen = []
+    monkeypatch.setattr(ev, "probe_accuracy", lambda x, labels: seen.append(x) or 0.0)
+    ev.key_probes(SentenceBag(tok.n_vocab, tok.encode_ordinary(".")[0], current_only=True), tok, world, stories)
+    assert len(seen) == 2  # one block, two kinds of fact
+    for what, features in zip(("place", "holder"), seen):
+        words = [story[offset:].split(".")[0].split(" ")[0] for story in stories
+                 for offset, w, _ in stored_facts(world, story) if w == what]
+        read = [tok.decode([i]) for i in features.argmax(-1).tolist()]  # (facts, d): one call per block
+        assert read == [" " + w for w in words]
