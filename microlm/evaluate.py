@@ -72,6 +72,13 @@ def story_validity(world: World, texts: list[str]) -> float:
     return sum(is_valid(world, t) for t in texts) / len(texts)
 
 
+def word_position(tokenizer, story: str, offset: int) -> int:
+    """Index, in [eot] + tokens(story), of the first token of the word at character `offset`. The word
+    starts after a space; the text before that space encodes to the same tokens as the start of the
+    whole story, so the word's first token is the next one."""
+    return 1 + len(tokenizer.encode_ordinary(story[: offset - 1]))
+
+
 @torch.no_grad()
 def lookup_accuracy(model, tokenizer, world: World, stories: list[str]) -> dict[str, dict]:
     """How often the model's top choice is the restated fact (see world.restated_facts), by what it
@@ -88,9 +95,7 @@ def lookup_accuracy(model, tokenizer, world: World, stories: list[str]) -> dict[
             continue
         best = model(torch.tensor([ids], device=device))[0].argmax(-1).tolist()
         for offset, what, when in restated_facts(world, story):
-            # the word starts after a space; the text before that space encodes to the same tokens as
-            # the start of the whole story, so the word's first token is the next one
-            pos = 1 + len(tokenizer.encode_ordinary(story[: offset - 1]))
+            pos = word_position(tokenizer, story, offset)
             c = counts.setdefault(f"{what}, {when}", [0, 0])
             c[0] += best[pos - 1] == ids[pos]
             c[1] += 1
@@ -155,8 +160,7 @@ def key_probes(model, tokenizer, world: World, stories: list[str]) -> dict[str, 
             continue
         h = hidden_states(model, torch.tensor([ids], device=device)).cpu()
         for offset, what, key in stored_facts(world, story):
-            pos = 1 + len(tokenizer.encode_ordinary(story[: offset - 1]))  # as in lookup_accuracy
-            feats[what].append(h[:, pos])
+            feats[what].append(h[:, word_position(tokenizer, story, offset)])
             keys[what].append(key)
     model.train(was_training)
     out = {}

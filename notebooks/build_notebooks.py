@@ -1070,11 +1070,11 @@ PRETRAINING = [
     projection) can read; a score near chance means it is not, and no head can look the fact up by it.
     """),
     code(r"""
+    from microlm.cli import PROBE_LABELS, probe_row  # the format `make pretrain` prints
     from microlm.evaluate import key_probes
 
     for what, p in key_probes(model, tok, world, val_texts[:200]).items():
-        label = {"place": "who moved, at the destination", "holder": "which object, at the receiver"}[what]
-        print(f"{label:<32}", "  ".join(f"{a:6.1%}" for a in p["by_layer"]), f"  (chance {p['chance']:.1%}, {p['n']} facts)")
+        print(f"{PROBE_LABELS[what]:<32}", probe_row(p))
     """),
     md(r"""
     ## The KV cache: same logits, less work
@@ -1163,8 +1163,7 @@ PRETRAINING = [
         for name, c in s.get("lookups", {}).items():
             print(f"  look-up, {name:<24} {c['accuracy']:6.1%} of {c['total']}")
         for what, p in s.get("key_probes", {}).items():
-            print(f"  probe, key at the {'destination' if what == 'place' else 'receiver':<12}",
-                  "  ".join(f"{a:6.1%}" for a in p["by_layer"]), f"  (chance {p['chance']:.1%})")
+            print(f"  probe, {PROBE_LABELS[what]:<32}", probe_row(p))
     else:
         print("(no finished `make pretrain` run to compare with" + (", or the fast setting)" if FAST else ")"))
     """),
