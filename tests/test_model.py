@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microlm.model import GPT, GPTConfig, KVCache, apply_rope, pick_device, rope_tables
+from microlm.model import GPT, GPTConfig, KVCache, RMSNorm, apply_rope, pick_device, rope_tables
 
 TINY = dict(vocab_size=50, context_length=32, d_model=32, n_layers=2, n_heads=4)
 
@@ -104,6 +104,27 @@ def test_documents_do_not_see_each_other_and_the_cache_agrees():
     torch.testing.assert_close(cached_step_by_step(m, x, prefill=4), m(x), atol=1e-5, rtol=0)
     cache = KVCache.for_model(m, batch_size=2)
     torch.testing.assert_close(torch.cat([m(x[:, :5], cache), m(x[:, 5:], cache)], 1), m(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 16), (2, 4, 6, 8)])
+def test_rmsnorm_hand_written_backward_equals_autograd_on_the_formula(shape):
+    # float64, so the only difference is the order of operations: within 1e-12
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1]).double()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(shape[-1], dtype=torch.float64))
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(shape, dtype=torch.float64)
+    norm(x).backward(grad)
+    mine = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    formula = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    formula.backward(grad)
+    assert torch.allclose(mine[0], x.grad, rtol=0, atol=1e-12)
+    assert torch.allclose(mine[1], norm.weight.grad, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the inference path is the plain formula
+        assert torch.allclose(norm(x), formula, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: norm(t), (x.detach()[..., :4, :].clone().requires_grad_(),))
 
 
 def test_rope_preserves_norms_and_scores_depend_only_on_distance():
