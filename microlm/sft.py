@@ -2,7 +2,7 @@
 
 An example is a prompt (a story and a question) and a response (the exact answer):
 
-    prompt:   "Ann is at the park with a red ball. ... The ball passes from Ann to Tom.\\nQ: Who has the red ball?\\nA:"
+    prompt:   "Ann has a red ball, ... all at Mia's house. ... The ball passes from Ann to Tom.\\nQ: Who has the red ball?\\nA:"
     response: " Tom"
 
 Its tokens are `<|endoftext|> prompt response <|endoftext|>`. The loss is taken only where the
@@ -33,7 +33,7 @@ def questions(state: StoryState) -> list[tuple[str, str, str]]:
     for kind_ in state.holder:  # needs the object's colour (intro) and its last holder (events)
         out.append(("who_has", f"Who has the {state.colour_of[kind_]} {kind_}?", f" {state.holder[kind_]}"))
     for person in state.cast:  # needs the person's last move, through any She/He
-        out.append(("where_is", f"Where is {person}?", f" at the {state.place_of[person]}"))
+        out.append(("where_is", f"Where is {person}?", f" at {state.place_of[person]}'s house"))
     received = [(k, r) for _, k, r in state.gifts]
     for giver, kind_, receiver in state.gifts:  # asked only when that person got that object once
         if received.count((kind_, receiver)) == 1:

@@ -40,7 +40,6 @@ class World:
 
     female_names: tuple[str, ...] = ("Ann", "Mia", "Eva", "Lily", "Rose", "Kate", "Zoe", "Ivy")
     male_names: tuple[str, ...] = ("Tom", "Sam", "Ben", "Max", "Leo", "Jack", "Noah", "Finn")
-    places: tuple[str, ...] = ("park", "kitchen", "garden", "school", "shop", "library", "beach", "forest")
     colours: tuple[str, ...] = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown")
     kinds: tuple[str, ...] = ("ball", "cup", "book", "hat", "kite", "box", "key", "doll")
     cast_size: int = 3  # people per story; each starts with one object of a distinct kind
@@ -49,16 +48,16 @@ class World:
     pronouns: bool = True  # a move by the last person named says "She"/"He" instead of the name
 
     def __post_init__(self):
-        words = self.female_names + self.male_names + self.places + self.colours + self.kinds
+        words = self.female_names + self.male_names + self.colours + self.kinds
         if len(set(words)) != len(words) or not all(w.isalpha() for w in words):
-            raise ValueError("World: names, places, colours and kinds must be distinct alphabetic words")
+            raise ValueError("World: names, colours and kinds must be distinct alphabetic words")
         if {"She", "He"} & set(self.female_names + self.male_names):
             raise ValueError("World: 'She' and 'He' are pronouns, not names")
         n_people = len(self.female_names) + len(self.male_names)
         if not 2 <= self.cast_size <= min(n_people, len(self.kinds)):
             raise ValueError(f"World: cast_size must be in [2, {min(n_people, len(self.kinds))}], got {self.cast_size}")
-        if len(self.places) < 2 or not self.colours:
-            raise ValueError("World: needs at least 2 places and 1 colour")
+        if not self.colours:
+            raise ValueError("World: needs at least 1 colour")
         if not 0 < self.stop_prob < 1:
             raise ValueError(f"World: stop_prob must be in (0, 1), got {self.stop_prob}")
         if self.max_events < 1:
@@ -86,7 +85,7 @@ class StoryState:
     """What is true at the end of a story (used to ask questions about it)."""
 
     cast: list[str] = field(default_factory=list)
-    place_of: dict[str, str] = field(default_factory=dict)  # person -> place
+    place_of: dict[str, str] = field(default_factory=dict)  # person -> whose house they are in
     colour_of: dict[str, str] = field(default_factory=dict)  # kind -> colour
     holder: dict[str, str] = field(default_factory=dict)  # kind -> person who holds it now
     gifts: list[tuple[str, str, str]] = field(default_factory=list)  # (giver, kind, receiver) in order
@@ -96,11 +95,9 @@ class StoryState:
 def _tell(world: World, d) -> StoryState:
     """The story program. `d` is a driver with `emit(text)` and `choose(options, probs=None) -> index`."""
     s = StoryState()
-    # Everyone starts at one place: "At the park, Ann has a red ball, Mia has a blue cup and Tom has a
-    # pink key." The cast and their objects come in alphabetical order: no name or kind can repeat, and
-    # checking that needs only the previous one.
-    d.emit("At the ")
-    start = world.places[d.choose([p + ", " for p in world.places])]
+    # Everyone starts in one house: "Ann has a red ball, Mia has a blue cup and Tom has a pink key, all
+    # at Mia's house." The cast and their objects come in alphabetical order: no name or kind can
+    # repeat, and checking that needs only the previous one.
     order, kinds = sorted(world.names), sorted(world.kinds)
     last = world.cast_size - 1
     for slot in range(world.cast_size):
@@ -110,25 +107,29 @@ def _tell(world: World, d) -> StoryState:
         colour = world.colours[d.choose([c + " " for c in world.colours])]
         first = kinds.index(list(s.holder)[-1]) + 1 if s.holder else 0
         free_kinds = kinds[first: len(kinds) - (last - slot)]
-        end = "." if slot == last else " and " if slot == last - 1 else ", "
+        end = ", all at " if slot == last else " and " if slot == last - 1 else ", "
         kind = free_kinds[d.choose([k + end for k in free_kinds])]
         s.cast.append(name)
-        s.place_of[name] = start
         s.colour_of[kind], s.holder[kind] = colour, name
+    # The places are the cast's houses: restating where someone is means writing a name, as restating
+    # who holds an object does (with eight named places that look-up failed; see the README).
+    start = s.cast[d.choose([c + "'s house." for c in s.cast])]
+    for name in s.cast:
+        s.place_of[name] = start
     d.emit(" ")
 
-    # Every event restates the state it changes ("from the park", "from Tom"), so writing it correctly
-    # needs one look-up of the story so far: where the person went last, who got the object last.
+    # Every event restates the state it changes ("leaves Mia's house", "from Tom"), so writing it
+    # correctly needs one look-up of the story so far: where the person went last, who got the object last.
     focus = None  # the person the last event ended on; a move by them says "She"/"He"
     while True:
         movers = [world.pronoun(p) if p == focus and world.pronouns else p for p in s.cast]
-        options = [f"{w} goes from the " for w in movers] + [f"The {k} passes from " for k in s.holder]
+        options = [f"{w} leaves " for w in movers] + [f"The {k} passes from " for k in s.holder]
         i = d.choose(options)
-        if i < len(s.cast):  # "She goes from the park to the beach."
+        if i < len(s.cast):  # "She leaves Mia's house for Tom's house."
             actor = focus = s.cast[i]
-            d.emit(s.place_of[actor] + " to the ")
-            places = [p for p in world.places if p != s.place_of[actor]]
-            s.place_of[actor] = places[d.choose([p + "." for p in places])]
+            d.emit(s.place_of[actor] + "'s house for ")
+            houses = [p for p in s.cast if p != s.place_of[actor]]
+            s.place_of[actor] = houses[d.choose([p + "'s house." for p in houses])]
         else:  # "The ball passes from Tom to Ann."
             kind = list(s.holder)[i - len(s.cast)]
             giver = s.holder[kind]
@@ -255,7 +256,7 @@ def parse(world: World, text: str) -> tuple[list[int], StoryState]:
     return d.choices, state
 
 
-_EVENT = re.compile(r"(?P<mover>\w+) goes from the (?P<place>\w+) to the (?P<to>\w+)\."
+_EVENT = re.compile(r"(?P<mover>\w+) leaves (?P<place>\w+)'s house for (?P<to>\w+)'s house\."
                     r"|The (?P<kind>\w+) passes from (?P<giver>\w+) to (?P<receiver>\w+)\.")
 
 
@@ -276,7 +277,7 @@ def _events(world: World, text: str):
 
 def restated_facts(world: World, text: str) -> list[tuple[int, str, str]]:
     """Where a valid story restates what it already said: (character offset, "place" or "holder",
-    when the fact was stated) for the `park` of every `... goes from the park` and the `Tom` of every
+    when the fact was stated) for the `Mia` of every `... leaves Mia's house` and the `Tom` of every
     `... passes from Tom`. "when" is "intro" (the start place, the first holder), "previous event"
     (the event just before set it) or "earlier event" (an older one: a real look-up past other events).
     These words are fixed by the story so far, so a model that tracks the world predicts them surely."""
@@ -292,7 +293,7 @@ def restated_facts(world: World, text: str) -> list[tuple[int, str, str]]:
 
 def stored_facts(world: World, text: str) -> list[tuple[int, str, str]]:
     """Where a valid story sets a fact that a later event may restate: (character offset, "place" or
-    "holder", key) for the `beach` of every `... goes from the park to the beach` (key: the person who
+    "holder", key) for the `Ann` of every `... leaves Mia's house for Ann's house` (key: the person who
     moved) and the `Ann` of every `The cup passes from Tom to Ann` (key: `cup`). To restate the fact
     later, a model has to find this word by its key: who went there, which object changed hands."""
     return [(m.start("to") if what == "place" else m.start("receiver"), what, key)

@@ -165,7 +165,7 @@ TOKENIZER = [
     from microlm.world import InvalidStory, World, entropy_stats, generate_splits, log_prob, parse, render, sample_story
 
     world = World()
-    print(f"{len(world.names)} names, {len(world.places)} places, {len(world.colours)} colours, "
+    print(f"{len(world.names)} names (the places are the cast's houses), {len(world.colours)} colours, "
           f"{len(world.kinds)} kinds of object; {world.cast_size} people per story; "
           f"the story stops after each event with probability {world.stop_prob}")
     rng = random.Random(0)
@@ -1016,7 +1016,7 @@ PRETRAINING = [
     a valid sample is one the world could have written, and its bits are its exact information
     content. For the first invalid sample, the parser points at the character where the story broke
     the rules and lists what the world would have allowed there. Typical mistakes are state-tracking
-    mistakes: an object passed on by someone who no longer holds it, a move from a place the person
+    mistakes: an object passed on by someone who no longer holds it, a move from a house the person
     has already left.
     """),
     code(r"""
@@ -1040,7 +1040,7 @@ PRETRAINING = [
     md(r"""
     ## Which look-ups has it learned?
 
-    A story restates what it already said: `Tom goes from the park` repeats where Tom is, and `The cup
+    A story restates what it already said: `Tom leaves Mia's house` repeats where Tom is, and `The cup
     passes from Mia` who holds the cup. Those words cost no entropy (the story so far fixes them), so a
     model that tracks the world predicts them surely. `lookup_accuracy` feeds validation stories to the
     model and checks its top choice at each restated word, grouped by what is restated and how far back
@@ -1057,9 +1057,9 @@ PRETRAINING = [
     md(r"""
     ## Is the key where attention can find it?
 
-    To restate where Tom is, the model has to find the word where his last move put him (`... to the
-    beach`) among every other destination in the story. Attention finds positions by what is written
-    *at* them: so at `beach` the model must have written "Tom moved here", taken from the sentence's
+    To restate where Tom is, the model has to find the word where his last move put him (`... for
+    Ann's house`) among every other destination in the story. Attention finds positions by what is
+    written *at* them: so at `Ann` the model must have written "Tom moved here", taken from the sentence's
     first word (or from whoever `He` is). Likewise, to restate who holds the cup, it must have written "the cup" at
     the receiver of the cup's last pass.
 

@@ -155,7 +155,7 @@ def test_lookup_accuracy_counts_every_restated_fact_by_kind():
     import random
     world, rng = World(), random.Random(3)
     stories = [sample_story(world, rng).text for _ in range(40)]
-    tok = Tokenizer.from_bpe(train_bpe(EOT.join(stories), 300))
+    tok = Tokenizer.from_bpe(train_bpe(EOT.join(stories), 1000))  # every word one token: no story is too long
     right = lookup_accuracy(Oracle(tok.n_vocab), tok, world, stories)
     wrong = lookup_accuracy(Oracle(tok.n_vocab, wrong=True), tok, world, stories)
     assert sum(v["total"] for v in right.values()) == sum(len(restated_facts(world, s)) for s in stories)
@@ -184,8 +184,9 @@ def test_hidden_states_are_the_residual_stream_the_head_reads(model):
 
 
 class SentenceBag(torch.nn.Module):
-    """A stand-in model whose one block writes, at every position, the words of the sentence so far
-    (or, with current_only, just the current word): the key of a fact is there in one and not the other."""
+    """A stand-in model whose one block writes, at every position, the sentence's first word and the
+    words of the sentence so far (or, with current_only, just the current word): the key of a fact
+    (the mover, who opens a move; the object, the only kind in a pass) is there in one and not the other."""
 
     def __init__(self, vocab_size, dot_id, current_only=False):
         super().__init__()
@@ -198,7 +199,9 @@ class SentenceBag(torch.nn.Module):
         onehot = torch.nn.functional.one_hot(idx[0], self.vocab_size).float()
         if not self.current_only:
             sentence = torch.cumsum(torch.cat([torch.zeros(1), (idx[0] == self.dot_id).float()[:-1]]), 0)
-            onehot = ((sentence[:, None] == sentence[None, :]).tril().float() @ onehot)
+            same = (sentence[:, None] == sentence[None, :]).tril().float()
+            first = onehot[same.argmax(1)]  # argmax finds each row's first 1: the sentence's first token
+            onehot = torch.cat([first, same @ onehot], dim=1)
         return self.blocks[0](onehot[None])
 
 
@@ -234,7 +237,7 @@ def test_key_probes_read_the_word_that_sets_the_fact(monkeypatch):
     ev.key_probes(SentenceBag(tok.n_vocab, tok.encode_ordinary(".")[0], current_only=True), tok, world, stories)
     assert len(seen) == 2  # one block, two kinds of fact
     for what, features in zip(("place", "holder"), seen):
-        words = [story[offset:].split(".")[0].split(" ")[0] for story in stories
+        words = [story[offset:].split(".")[0].split(" ")[0].split("'")[0] for story in stories
                  for offset, w, _ in stored_facts(world, story) if w == what]
         read = [tok.decode([i]) for i in features.argmax(-1).tolist()]  # (facts, d): one call per block
         assert read == [" " + w for w in words]

@@ -10,8 +10,8 @@ from microlm.world import (
     parse, render, restated_facts, sample_story, split_of, stored_facts,
 )
 
-TINY = World(female_names=("Ann",), male_names=("Tom", "Sam"), places=("park", "shop"), colours=("red", "blue"),
-             kinds=("ball", "cup"), cast_size=2, stop_prob=0.4, max_events=2)
+TINY = World(female_names=("Ann",), male_names=("Tom", "Sam"), colours=("red", "blue"), kinds=("ball", "cup"),
+             cast_size=2, stop_prob=0.4, max_events=2)
 
 
 def test_tiny_world_probabilities_sum_to_one_over_every_story():
@@ -41,7 +41,7 @@ def test_sampled_stories_parse_back_to_their_choices_and_probability():
 
 
 @pytest.mark.parametrize("edit", [
-    ("passes from", "goes from"),     # an object where a person belongs
+    ("passes from", "leaves"),        # an object where a person belongs
     (" has a ", " holds a "),         # not the grammar
     ("He ", "Tom "),                  # a name where the rule asks for a pronoun (or vice versa)
 ])
@@ -55,35 +55,36 @@ def test_scorer_rejects_texts_that_break_grammar_or_state(edit):
 
 def test_every_event_must_restate_the_state_it_changes():
     world = World()
-    intro = "At the shop, Ann has a red ball, Mia has a pink cup and Tom has a blue hat."
+    intro = "Ann has a red ball, Mia has a pink cup and Tom has a blue hat, all at Mia's house."
     assert is_valid(world, intro + " The ball passes from Ann to Tom.")
-    assert is_valid(world, intro + " Tom goes from the shop to the park.")
-    assert is_valid(world, intro + " Tom goes from the shop to the park. Ann goes from the shop to the beach.")
+    assert is_valid(world, intro + " Tom leaves Mia's house for Tom's house.")
+    assert is_valid(world, intro + " Tom leaves Mia's house for Tom's house. Ann leaves Mia's house for Ann's house.")
     assert is_valid(world, intro + " The ball passes from Ann to Tom. The ball passes from Tom to Mia.")
     assert not is_valid(world, intro + " The ball passes from Tom to Ann.")  # Ann holds it
     assert not is_valid(world, intro + " The ball passes from Ann to Tom. The ball passes from Ann to Mia.")
     assert not is_valid(world, intro + " The ball passes from Ann to Ann.")  # not to oneself
-    assert not is_valid(world, intro + " Tom goes from the park to the beach.")  # he is at the shop
-    assert not is_valid(world, intro + " Tom goes from the shop to the shop.")  # already there
-    assert not is_valid(world, intro + " He goes from the shop to the park.")  # no event yet: "He" is nobody
-    assert not is_valid(world, intro + " Tom goes from the shop to the park. Tom goes from the park to the beach.")
-    assert is_valid(world, intro + " Tom goes from the shop to the park. He goes from the park to the beach.")
-    assert not is_valid(world, intro + " Tom goes from the shop to the park. She goes from the park to the beach.")
+    assert not is_valid(world, intro + " Tom leaves Tom's house for Ann's house.")  # he is at Mia's
+    assert not is_valid(world, intro + " Tom leaves Mia's house for Mia's house.")  # already there
+    assert not is_valid(world, intro + " Tom leaves Mia's house for Sam's house.")  # Sam is not in the story
+    assert not is_valid(world, intro + " He leaves Mia's house for Tom's house.")  # no event yet: "He" is nobody
+    assert not is_valid(world, intro + " Tom leaves Mia's house for Tom's house. Tom leaves Tom's house for Ann's house.")
+    assert is_valid(world, intro + " Tom leaves Mia's house for Tom's house. He leaves Tom's house for Ann's house.")
+    assert not is_valid(world, intro + " Tom leaves Mia's house for Tom's house. She leaves Tom's house for Ann's house.")
     # The receiver of an object becomes the one "She"/"He" refers to.
-    assert is_valid(world, intro + " The cup passes from Mia to Ann. She goes from the shop to the park.")
-    assert not is_valid(world, intro + " The cup passes from Mia to Ann. Ann goes from the shop to the park.")
+    assert is_valid(world, intro + " The cup passes from Mia to Ann. She leaves Mia's house for Tom's house.")
+    assert not is_valid(world, intro + " The cup passes from Mia to Ann. Ann leaves Mia's house for Tom's house.")
     with pytest.raises(InvalidStory, match="char"):
         parse(world, intro + " The hat passes from Ann to Mia.")
 
 
 def test_the_cast_and_their_objects_are_introduced_in_alphabetical_order():
     world = World()
-    assert is_valid(world, "At the park, Ann has a red ball, Mia has a blue cup and Tom has a pink hat. "
-                           "Mia goes from the park to the shop.")
-    assert not is_valid(world, "At the park, Tom has a red ball, Ann has a blue cup and Mia has a pink hat. "
-                               "Mia goes from the park to the shop.")
-    assert not is_valid(world, "At the park, Ann has a red hat, Mia has a blue cup and Tom has a pink ball. "
-                               "Mia goes from the park to the shop.")
+    assert is_valid(world, "Ann has a red ball, Mia has a blue cup and Tom has a pink hat, all at Tom's house. "
+                           "Mia leaves Tom's house for Ann's house.")
+    assert not is_valid(world, "Tom has a red ball, Ann has a blue cup and Mia has a pink hat, all at Tom's house. "
+                               "Mia leaves Tom's house for Ann's house.")
+    assert not is_valid(world, "Ann has a red hat, Mia has a blue cup and Tom has a pink ball, all at Tom's house. "
+                               "Mia leaves Tom's house for Ann's house.")
     rng = random.Random(3)
     for _ in range(50):
         _, state = parse(world, sample_story(world, rng).text)
@@ -114,27 +115,27 @@ def test_world_rejects_bad_configuration():
 
 def test_restated_facts_name_each_look_up_and_how_far_back_it_reaches():
     world = World()
-    text = ("At the shop, Ann has a red ball, Mia has a blue cup and Tom has a pink key. Tom goes from the shop "
-            "to the park. He goes from the park to the beach. The cup passes from Mia to Ann. The cup passes "
-            "from Ann to Tom. He goes from the beach to the shop. The ball passes from Ann to Mia.")
+    text = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, all at Mia's house. Tom leaves Mia's "
+            "house for Tom's house. He leaves Tom's house for Ann's house. The cup passes from Mia to Ann. The cup "
+            "passes from Ann to Tom. He leaves Ann's house for Mia's house. The ball passes from Ann to Mia.")
     facts = [(text[offset:].split(" ")[0], what, when) for offset, what, when in restated_facts(world, text)]
     assert facts == [
-        ("shop", "place", "intro"),              # Tom has not moved: everyone starts at the shop
-        ("park", "place", "previous event"),     # "He" is Tom, who just went to the park
+        ("Mia's", "place", "intro"),              # Tom has not moved: everyone starts at Mia's house
+        ("Tom's", "place", "previous event"),     # "He" is Tom, who just went to his house
         ("Mia", "holder", "intro"),
         ("Ann", "holder", "previous event"),
-        ("beach", "place", "earlier event"),     # Tom's last move is two events back, past two gifts
+        ("Ann's", "place", "earlier event"),      # Tom's last move is two events back, past two gifts
         ("Ann", "holder", "intro"),
     ]
     with pytest.raises(InvalidStory):
-        restated_facts(world, text.replace("from the beach", "from the park"))
+        restated_facts(world, text.replace("He leaves Ann's house", "He leaves Tom's house"))
 
 
 def test_stored_facts_name_where_each_event_sets_a_fact_and_its_key():
     world = World()
-    text = ("At the shop, Ann has a red ball, Mia has a blue cup and Tom has a pink key. Tom goes from the shop "
-            "to the park. He goes from the park to the beach. The cup passes from Mia to Ann. She goes from "
-            "the shop to the forest.")
+    text = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, all at Mia's house. Tom leaves Mia's "
+            "house for Tom's house. He leaves Tom's house for Ann's house. The cup passes from Mia to Ann. She "
+            "leaves Mia's house for Tom's house.")
     facts = [(text[offset:].split(" ")[0].rstrip("."), what, key) for offset, what, key in stored_facts(world, text)]
-    assert facts == [("park", "place", "Tom"), ("beach", "place", "Tom"),  # "He" is Tom
-                     ("Ann", "holder", "cup"), ("forest", "place", "Ann")]  # "She" is Ann, who just got the cup
+    assert facts == [("Tom's", "place", "Tom"), ("Ann's", "place", "Tom"),  # "He" is Tom
+                     ("Ann", "holder", "cup"), ("Tom's", "place", "Ann")]  # "She" is Ann, who just got the cup
