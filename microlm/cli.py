@@ -368,7 +368,8 @@ def cmd_sample(args) -> int:
               f"sees only its last {model.config.context_length - 1} tokens (the first {dropped} are dropped)",
               file=sys.stderr)
     data = config.get("data", {})
-    world = World.from_dict(data["world"]) if data.get("kind") == "stories" else None
+    world = World.from_dict(data["world"], f"the model in {args.adapter or args.run_dir or 'runs/pretrain'}") \
+        if data.get("kind") == "stories" else None
     for text in sample_texts(model, tokenizer, args.n, args.temperature, args.top_k, args.top_p, args.seed,
                              prompt=args.prompt, truncate_prompt=args.truncate_prompt):
         if world:

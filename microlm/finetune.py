@@ -187,7 +187,8 @@ def training_memory(model: torch.nn.Module, batch, cfg: TrainConfig) -> dict:
 # ---- runs --------------------------------------------------------------------------------------
 
 
-def load_examples(base_config: dict, sft_data, sft_val, data_dir, sizes: dict, seed: int) -> tuple[list, list, dict]:
+def load_examples(base_config: dict, sft_data, sft_val, data_dir, sizes: dict, seed: int,
+                  base_dir="the base model") -> tuple[list, list, dict]:
     """Training and held-out examples: the user's JSONL files, or questions about the base's story world."""
     from .runs import sha256_file
     if sft_data:
@@ -203,7 +204,7 @@ def load_examples(base_config: dict, sft_data, sft_val, data_dir, sizes: dict, s
     if data.get("kind") != "stories":
         raise ValueError("the base model was not trained on the story world, so there is no built-in question set; "
                          "pass your own with --sft-data FILE.jsonl")
-    paths = build_sft_data(data_dir, World.from_dict(data["world"]), sizes, seed)
+    paths = build_sft_data(data_dir, World.from_dict(data["world"], f"the base model {base_dir}"), sizes, seed)
     return (read_sft_jsonl(paths["train"]), read_sft_jsonl(paths["val"]),
             {"kind": "stories", "train": str(paths["train"]), "val": str(paths["val"]), "sizes": sizes,
              "train_sha256": sha256_file(paths["train"]), "val_sha256": sha256_file(paths["val"])})
@@ -261,7 +262,7 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     run_dir, kind = Path(run_dir), "lora" if lora else "full"
     check_run_dir(run_dir, resume, overwrite)  # refuse at once; the folder is touched only once all inputs are read
     model, tokenizer, base_config = load_run(base_dir, device)
-    train_ex, val_ex, sft_info = load_examples(base_config, sft_data, sft_val, data_dir, sizes, cfg.seed)
+    train_ex, val_ex, sft_info = load_examples(base_config, sft_data, sft_val, data_dir, sizes, cfg.seed, base_dir)
     ctx = model.config.context_length
     train_ex, train_enc, skipped_train = fitting(tokenizer, train_ex, ctx)
     val_ex, val_enc, skipped_val = fitting(tokenizer, val_ex, ctx)

@@ -76,7 +76,14 @@ class World:
         return {**{f.name: getattr(self, f.name) for f in fields(self)}, "grammar": grammar_fingerprint()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "World":
+    def from_dict(cls, d: dict, source: str = "the run") -> "World":
+        """The world a run's config.json recorded. Refused when another version of the story program
+        wrote it: those stories read differently, so the run's model would be scored and questioned
+        on text it never saw."""
+        if d.get("grammar") != grammar_fingerprint():
+            raise ValueError(f"{source} was trained on the story world of another microlm version (grammar "
+                             f"{d.get('grammar')}, this version's: {grammar_fingerprint()}); train it again with "
+                             "this version, e.g. `make pretrain ARGS=--overwrite`")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "grammar"})
 
 

@@ -79,6 +79,18 @@ def test_impossible_values_are_refused_with_the_valid_range(tmp_path, capsys):
     assert "not available" in capsys.readouterr().err
 
 
+def test_a_run_of_an_older_story_world_is_refused_with_what_to_do(run, tmp_path, capsys):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(run / "run", old)
+    config = json.loads((old / "config.json").read_text())
+    config["data"]["world"].update(grammar="0123456789ab", places=["park", "beach"])  # the eight-place world
+    (old / "config.json").write_text(json.dumps(config))
+    assert main(["sample", "--run-dir", str(old), "--n", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(old) in err and "another microlm version" in err and "make pretrain ARGS=--overwrite" in err
+
+
 def test_sample_from_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["sample", "--run-dir", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err

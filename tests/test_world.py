@@ -113,6 +113,14 @@ def test_world_rejects_bad_configuration():
         World(stop_prob=1.0)
 
 
+def test_from_dict_round_trips_and_refuses_a_world_of_another_story_program():
+    world = World(cast_size=2, stop_prob=0.5)
+    assert World.from_dict(world.to_dict()) == world
+    old = {**world.to_dict(), "grammar": "0123456789ab"}
+    with pytest.raises(ValueError, match="runs/x was trained on the story world of another microlm version"):
+        World.from_dict(old, "runs/x")
+
+
 def test_restated_facts_name_each_look_up_and_how_far_back_it_reaches():
     world = World()
     text = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, all at Mia's house. Tom leaves Mia's "
