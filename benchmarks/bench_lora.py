@@ -52,7 +52,7 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
     prompt = torch.tensor([[max(config.eot_id, 0)]])
     n_tokens = min(latency_tokens, config.context_length - 1)
     # Three times the repeats: a repeat is a fraction of a second, and with seven the medians of two
-    # identical models came out up to 5% apart on this noisy 2-core machine.
+    # identical models came out up to 3% apart on this noisy 2-core machine.
     latency = per_token_latency({"base": base.eval(), "merged": merged, "merged_in_place": merged_in_place,
                                  "unmerged": adapted}, prompt, n_tokens, 3 * repeats)
 

@@ -130,7 +130,8 @@ def to_markdown(res: dict) -> str:
     m, s = res["machine"], res["settings"]
     lines = [f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['cpu_capability']}), torch {m['torch']} "
              f"(threads: {m['torch_threads']}), Python {m['python']}; load average {m['load_average_1m']:.2f} at the "
-             f"start. Medians of {s['repeats']} repeats after a warm-up, (min-max) beside them; contenders took "
+             f"start. Medians of {s['repeats']} repeats ({3 * s['repeats']} for per-token latencies) after a warm-up, "
+             f"(min-max) beside them; contenders took "
              f"turns in one process.{' QUICK MODE: tiny sizes, the figures mean nothing.' if s['quick'] else ''}",
              "", "| benchmark | measured: median (min-max) | ratio | target |", "|---|---|---|---|"]
     for name, rows_of in SECTIONS.items():

@@ -151,9 +151,9 @@ TOKENIZER = [
     md(r"""
     ## The story world
 
-    A story is written by one function that makes random choices as it goes: where the cast starts,
-    who they are, what each of them holds, then one event after another, and after each event whether
-    to stop. Every choice is uniform over the options that are allowed *at that moment* (nobody can
+    A story is written by one function that makes random choices as it goes: who the cast are, what
+    each of them holds, whose house they all start in, then one event after another, and after each
+    event whether to stop. Every choice is uniform over the options that are allowed *at that moment* (nobody can
     hand over an object they do not hold), except the decision to stop, which is a biased coin.
     Because the program knows the probability of each choice it makes, it knows the probability of
     the whole story: the product of the probabilities of its choices.
@@ -827,7 +827,7 @@ PRETRAINING = [
     # 3. Pretraining
 
     Here the model of notebook 2 learns the story world. The run is short (a couple of minutes on a
-    laptop CPU in the full setting; `make pretrain` trains the same model for 1,800 steps instead of
+    laptop CPU in the full setting; `make pretrain` trains the same model for 1,500 steps instead of
     400), but it has every part of the real one: the corpus and its exact bound, the token stream, random
     training windows, the learning-rate schedule, the loss in bits per character against the bound,
     and samples scored by the world. At the end we check the KV cache that makes generation fast:
@@ -839,7 +839,7 @@ PRETRAINING = [
     ## The two settings
 
     All sizes are in one place. The full setting trains the package's default model (d_model 128,
-    4 blocks, 4 heads, about 0.86M parameters) for 400 steps of 16 windows of 256 tokens; the fast
+    4 blocks, 4 heads, about 0.85M parameters) for 400 steps of 16 windows of 256 tokens; the fast
     setting trains a toy model for a few steps, only to check that the cells run.
     """),
     code(r"""
