@@ -2,7 +2,7 @@
 
 An example is a prompt (a story and a question) and a response (the exact answer):
 
-    prompt:   "Ann has a red ball, ... all at Mia's house. ... The ball passes from Ann to Tom.\\nQ: Who has the red ball?\\nA:"
+    prompt:   "Ann has a red ball, ... each at home. ... The ball passes from Ann to Tom.\\nQ: Who has the red ball?\\nA:"
     response: " Tom"
 
 Its tokens are `<|endoftext|> prompt response <|endoftext|>`. The loss is taken only where the

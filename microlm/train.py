@@ -34,8 +34,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-2  # high for AdamW, and stable here thanks to QK-norm (see model.py)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    # 300 warm-up steps (a fifth of the run): with 100, two of three seeds tried stalled on a plateau where
-    # the model had not even learned to copy the story's start place, and ended above 1.15x the bound
+    # 300 warm-up steps (a fifth of the run): with 100, two of three seeds tried (on an earlier version's
+    # eight-place world) stalled on a plateau where the model had not even learned to copy the story's
+    # start place, and ended above 1.15x the bound
     warmup_steps: int = 300
     weight_decay: float = 0.1  # on matrices only: norms' gains and biases are not shrunk toward 0
     beta1: float = 0.9

@@ -102,9 +102,9 @@ class StoryState:
 def _tell(world: World, d) -> StoryState:
     """The story program. `d` is a driver with `emit(text)` and `choose(options, probs=None) -> index`."""
     s = StoryState()
-    # Everyone starts in one house: "Ann has a red ball, Mia has a blue cup and Tom has a pink key, all
-    # at Mia's house." The cast and their objects come in alphabetical order: no name or kind can
-    # repeat, and checking that needs only the previous one.
+    # Everyone starts at home: "Ann has a red ball, Mia has a blue cup and Tom has a pink key, each at
+    # home." The cast and their objects come in alphabetical order: no name or kind can repeat, and
+    # checking that needs only the previous one.
     order, kinds = sorted(world.names), sorted(world.kinds)
     last = world.cast_size - 1
     for slot in range(world.cast_size):
@@ -114,15 +114,16 @@ def _tell(world: World, d) -> StoryState:
         colour = world.colours[d.choose([c + " " for c in world.colours])]
         first = kinds.index(list(s.holder)[-1]) + 1 if s.holder else 0
         free_kinds = kinds[first: len(kinds) - (last - slot)]
-        end = ", all at " if slot == last else " and " if slot == last - 1 else ", "
+        end = ", each at home." if slot == last else " and " if slot == last - 1 else ", "
         kind = free_kinds[d.choose([k + end for k in free_kinds])]
         s.cast.append(name)
         s.colour_of[kind], s.holder[kind] = colour, name
     # The places are the cast's houses: restating where someone is means writing a name, as restating
-    # who holds an object does (with eight named places that look-up failed; see the README).
-    start = s.cast[d.choose([c + "'s house." for c in s.cast])]
+    # who holds an object does (with eight named places that look-up failed; see the README). Starting
+    # at home, someone who has not moved leaves their own house: no shared start place for the model
+    # to fall back on, so it has to notice every move (with one shared start house it mostly did not).
     for name in s.cast:
-        s.place_of[name] = start
+        s.place_of[name] = name
     d.emit(" ")
 
     # Every event restates the state it changes ("leaves Mia's house", "from Tom"), so writing it
@@ -285,7 +286,7 @@ def _events(world: World, text: str):
 def restated_facts(world: World, text: str) -> list[tuple[int, str, str]]:
     """Where a valid story restates what it already said: (character offset, "place" or "holder",
     when the fact was stated) for the `Mia` of every `... leaves Mia's house` and the `Tom` of every
-    `... passes from Tom`. "when" is "intro" (the start place, the first holder), "previous event"
+    `... passes from Tom`. "when" is "intro" (their own house, the first holder), "previous event"
     (the event just before set it) or "earlier event" (an older one: a real look-up past other events).
     These words are fixed by the story so far, so a model that tracks the world predicts them surely."""
     stated: dict[str, int] = {}  # person or kind -> index of the event that set its place or holder

@@ -151,9 +151,9 @@ TOKENIZER = [
     md(r"""
     ## The story world
 
-    A story is written by one function that makes random choices as it goes: who the cast are, what
-    each of them holds, whose house they all start in, then one event after another, and after each
-    event whether to stop. Every choice is uniform over the options that are allowed *at that moment* (nobody can
+    A story is written by one function that makes random choices as it goes: who the cast are and what
+    each of them holds (everyone starts at home), then one event after another, and after each event
+    whether to stop. Every choice is uniform over the options that are allowed *at that moment* (nobody can
     hand over an object they do not hold), except the decision to stop, which is a biased coin.
     Because the program knows the probability of each choice it makes, it knows the probability of
     the whole story: the product of the probabilities of its choices.

@@ -13,8 +13,8 @@ from microlm.tokenizer import EOT, Tokenizer, train_bpe
 from microlm.train import masked_loss
 from microlm.world import World, generate_splits, parse
 
-STORY = ("Ann has a red ball, Mia has a blue cup and Tom has a pink hat, all at Ann's house. The ball passes from Ann "
-         "to Tom. He leaves Ann's house for Mia's house. The cup passes from Mia to Tom. The ball passes from Tom to Mia.")
+STORY = ("Ann has a red ball, Mia has a blue cup and Tom has a pink hat, each at home. The ball passes from Ann "
+         "to Tom. He leaves Tom's house for Mia's house. The cup passes from Mia to Tom. The ball passes from Tom to Mia.")
 
 
 def test_answers_follow_the_state_across_sentences():
@@ -23,7 +23,8 @@ def test_answers_follow_the_state_across_sentences():
     assert qa["Who has the red ball?"] == " Mia"  # Ann -> Tom -> Mia
     assert qa["Who has the blue cup?"] == " Tom"
     assert qa["Where is Tom?"] == " at Mia's house"  # moved as "He"
-    assert qa["Where is Mia?"] == " at Ann's house"  # never moved: the start place
+    assert qa["Where is Mia?"] == " at Mia's house"  # never moved: at home
+    assert qa["Where is Ann?"] == " at Ann's house"
     assert qa["Who gave Tom the red ball?"] == " Ann"
     assert qa["Who gave Tom the blue cup?"] == " Mia"
     assert qa["Who gave Mia the red ball?"] == " Tom"

@@ -16,7 +16,7 @@ TINY = World(female_names=("Ann",), male_names=("Tom", "Sam"), colours=("red", "
 
 def test_tiny_world_probabilities_sum_to_one_over_every_story():
     stories = [s for _, s in enumerate_stories(TINY)]
-    assert len(stories) > 400
+    assert len(stories) > 200
     assert math.fsum(math.exp(s.log_prob) for s in stories) == pytest.approx(1.0, abs=1e-12)
 
 
@@ -55,36 +55,36 @@ def test_scorer_rejects_texts_that_break_grammar_or_state(edit):
 
 def test_every_event_must_restate_the_state_it_changes():
     world = World()
-    intro = "Ann has a red ball, Mia has a pink cup and Tom has a blue hat, all at Mia's house."
+    intro = "Ann has a red ball, Mia has a pink cup and Tom has a blue hat, each at home."
     assert is_valid(world, intro + " The ball passes from Ann to Tom.")
-    assert is_valid(world, intro + " Tom leaves Mia's house for Tom's house.")
-    assert is_valid(world, intro + " Tom leaves Mia's house for Tom's house. Ann leaves Mia's house for Ann's house.")
+    assert is_valid(world, intro + " Tom leaves Tom's house for Mia's house.")
+    assert is_valid(world, intro + " Tom leaves Tom's house for Mia's house. Ann leaves Ann's house for Tom's house.")
     assert is_valid(world, intro + " The ball passes from Ann to Tom. The ball passes from Tom to Mia.")
     assert not is_valid(world, intro + " The ball passes from Tom to Ann.")  # Ann holds it
     assert not is_valid(world, intro + " The ball passes from Ann to Tom. The ball passes from Ann to Mia.")
     assert not is_valid(world, intro + " The ball passes from Ann to Ann.")  # not to oneself
-    assert not is_valid(world, intro + " Tom leaves Tom's house for Ann's house.")  # he is at Mia's
-    assert not is_valid(world, intro + " Tom leaves Mia's house for Mia's house.")  # already there
-    assert not is_valid(world, intro + " Tom leaves Mia's house for Sam's house.")  # Sam is not in the story
-    assert not is_valid(world, intro + " He leaves Mia's house for Tom's house.")  # no event yet: "He" is nobody
-    assert not is_valid(world, intro + " Tom leaves Mia's house for Tom's house. Tom leaves Tom's house for Ann's house.")
-    assert is_valid(world, intro + " Tom leaves Mia's house for Tom's house. He leaves Tom's house for Ann's house.")
-    assert not is_valid(world, intro + " Tom leaves Mia's house for Tom's house. She leaves Tom's house for Ann's house.")
+    assert not is_valid(world, intro + " Tom leaves Mia's house for Ann's house.")  # he is at home
+    assert not is_valid(world, intro + " Tom leaves Tom's house for Tom's house.")  # already there
+    assert not is_valid(world, intro + " Tom leaves Tom's house for Sam's house.")  # Sam is not in the story
+    assert not is_valid(world, intro + " He leaves Tom's house for Mia's house.")  # no event yet: "He" is nobody
+    assert not is_valid(world, intro + " Tom leaves Tom's house for Mia's house. Tom leaves Mia's house for Ann's house.")
+    assert is_valid(world, intro + " Tom leaves Tom's house for Mia's house. He leaves Mia's house for Ann's house.")
+    assert not is_valid(world, intro + " Tom leaves Tom's house for Mia's house. She leaves Mia's house for Ann's house.")
     # The receiver of an object becomes the one "She"/"He" refers to.
-    assert is_valid(world, intro + " The cup passes from Mia to Ann. She leaves Mia's house for Tom's house.")
-    assert not is_valid(world, intro + " The cup passes from Mia to Ann. Ann leaves Mia's house for Tom's house.")
+    assert is_valid(world, intro + " The cup passes from Mia to Ann. She leaves Ann's house for Tom's house.")
+    assert not is_valid(world, intro + " The cup passes from Mia to Ann. Ann leaves Ann's house for Tom's house.")
     with pytest.raises(InvalidStory, match="char"):
         parse(world, intro + " The hat passes from Ann to Mia.")
 
 
 def test_the_cast_and_their_objects_are_introduced_in_alphabetical_order():
     world = World()
-    assert is_valid(world, "Ann has a red ball, Mia has a blue cup and Tom has a pink hat, all at Tom's house. "
-                           "Mia leaves Tom's house for Ann's house.")
-    assert not is_valid(world, "Tom has a red ball, Ann has a blue cup and Mia has a pink hat, all at Tom's house. "
-                               "Mia leaves Tom's house for Ann's house.")
-    assert not is_valid(world, "Ann has a red hat, Mia has a blue cup and Tom has a pink ball, all at Tom's house. "
-                               "Mia leaves Tom's house for Ann's house.")
+    assert is_valid(world, "Ann has a red ball, Mia has a blue cup and Tom has a pink hat, each at home. "
+                           "Mia leaves Mia's house for Ann's house.")
+    assert not is_valid(world, "Tom has a red ball, Ann has a blue cup and Mia has a pink hat, each at home. "
+                               "Mia leaves Mia's house for Ann's house.")
+    assert not is_valid(world, "Ann has a red hat, Mia has a blue cup and Tom has a pink ball, each at home. "
+                               "Mia leaves Mia's house for Ann's house.")
     rng = random.Random(3)
     for _ in range(50):
         _, state = parse(world, sample_story(world, rng).text)
@@ -123,27 +123,27 @@ def test_from_dict_round_trips_and_refuses_a_world_of_another_story_program():
 
 def test_restated_facts_name_each_look_up_and_how_far_back_it_reaches():
     world = World()
-    text = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, all at Mia's house. Tom leaves Mia's "
-            "house for Tom's house. He leaves Tom's house for Ann's house. The cup passes from Mia to Ann. The cup "
-            "passes from Ann to Tom. He leaves Ann's house for Mia's house. The ball passes from Ann to Mia.")
+    text = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, each at home. Tom leaves Tom's house "
+            "for Mia's house. He leaves Mia's house for Ann's house. The cup passes from Mia to Ann. The cup "
+            "passes from Ann to Tom. He leaves Ann's house for Tom's house. The ball passes from Ann to Mia.")
     facts = [(text[offset:].split(" ")[0], what, when) for offset, what, when in restated_facts(world, text)]
     assert facts == [
-        ("Mia's", "place", "intro"),              # Tom has not moved: everyone starts at Mia's house
-        ("Tom's", "place", "previous event"),     # "He" is Tom, who just went to his house
+        ("Tom's", "place", "intro"),              # Tom has not moved: everyone starts at home
+        ("Mia's", "place", "previous event"),     # "He" is Tom, who just went to Mia's house
         ("Mia", "holder", "intro"),
         ("Ann", "holder", "previous event"),
         ("Ann's", "place", "earlier event"),      # Tom's last move is two events back, past two gifts
         ("Ann", "holder", "intro"),
     ]
     with pytest.raises(InvalidStory):
-        restated_facts(world, text.replace("He leaves Ann's house", "He leaves Tom's house"))
+        restated_facts(world, text.replace("He leaves Ann's house", "He leaves Mia's house"))
 
 
 def test_stored_facts_name_where_each_event_sets_a_fact_and_its_key():
     world = World()
-    text = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, all at Mia's house. Tom leaves Mia's "
-            "house for Tom's house. He leaves Tom's house for Ann's house. The cup passes from Mia to Ann. She "
-            "leaves Mia's house for Tom's house.")
+    text = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, each at home. Tom leaves Tom's house "
+            "for Mia's house. He leaves Mia's house for Ann's house. The cup passes from Mia to Ann. She leaves "
+            "Ann's house for Tom's house.")
     facts = [(text[offset:].split(" ")[0].rstrip("."), what, key) for offset, what, key in stored_facts(world, text)]
-    assert facts == [("Tom's", "place", "Tom"), ("Ann's", "place", "Tom"),  # "He" is Tom
+    assert facts == [("Mia's", "place", "Tom"), ("Ann's", "place", "Tom"),  # "He" is Tom
                      ("Ann", "holder", "cup"), ("Tom's", "place", "Ann")]  # "She" is Ann, who just got the cup
