@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import load_json, save_json
 from .evaluate import logits_of, max_abs_diff, per_token_latency
-from .finetune import (accuracy, fitting, fixed_batches, load_lora_run, lora_config_from_dict,
+from .finetune import (accuracy, fitting, fixed_batches, load_lora_run, lora_config_from_dict, packing_context,
                        prepare_model, read_sft_jsonl, run_finetune, sft_batch, split_user_examples, training_memory)
 from .lora import lora_layers, merge_and_unload, merge_lora
 from .runs import load_run
@@ -140,7 +140,7 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
                     "dtype": "float32"}
     cfg = TrainConfig(**run_config["train"])
     train_ex, train_enc, _ = fitting(tokenizer, read_sft_jsonl(run_config["sft"]["train"]), model.config.context_length)
-    batch = sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, 0)
+    batch = sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, 0, packing_context(base))
     trainers = {"lora": prepare_model(copy.deepcopy(base), lora_cfg), "full": prepare_model(copy.deepcopy(base), None)}
     res["train_step"] = step_cost(trainers, batch, cfg)
     res["train_memory_bytes"] = {name: training_memory(m, batch, cfg) for name, m in trainers.items()}

@@ -30,7 +30,7 @@ from .train import TrainConfig, masked_loss
 from .world import World
 
 # Question-set sizes for `make lora-finetune` (data/README.md says why).
-SFT_SPLITS = {"train": 8000, "val": 500}
+SFT_SPLITS = {"train": 24_000, "val": 500}
 
 
 @dataclass
@@ -45,9 +45,11 @@ class LoRAConfig:
 def finetune_defaults(full: bool) -> TrainConfig:
     """The fine-tuning budget: the same steps and batch for LoRA and full fine-tuning. Each gets the
     learning rate that suits it: the adapter starts at zero and needs a larger step than weights that
-    are already trained."""
-    return TrainConfig(max_steps=400, batch_size=16, lr=1e-3 if full else 5e-3, warmup_steps=30, weight_decay=0.0,
-                       eval_every=100, checkpoint_every=200)
+    are already trained. 1,000 steps of 16 draw 16,000 questions from 24,000, so few come twice: with
+    400 steps on 8,000 questions full fine-tuning reached 81% and LoRA 72%, with 1,000 on 8,000 86% and
+    84%, their training loss far below the held-out one (see the README)."""
+    return TrainConfig(max_steps=1000, batch_size=16, lr=1e-3 if full else 5e-3, warmup_steps=30, weight_decay=0.0,
+                       eval_every=200, checkpoint_every=200)
 
 
 # ---- the question set on disk ------------------------------------------------------------------
@@ -86,12 +88,19 @@ def split_user_examples(examples: list[dict], seed: int, val_fraction: float = 0
 # ---- batches -----------------------------------------------------------------------------------
 
 
-def sft_batch(encoded: list, batch_size: int, pad_id: int, seed: int, step: int):
-    """(inputs, targets) of `batch_size` examples drawn for training step `step` from (seed, step) alone."""
+def sft_batch(encoded: list, batch_size: int, pad_id: int, seed: int, step: int, context: int | None = None):
+    """(inputs, targets) of `batch_size` examples drawn for training step `step` from (seed, step) alone,
+    packed into rows of `context` inputs when given (sft.collate; the model must mask documents)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     rows = torch.randint(0, len(encoded), (batch_size,), generator=g).tolist()
-    b = collate([encoded[i] for i in rows], pad_id)
+    b = collate([encoded[i] for i in rows], pad_id, context)
     return b.inputs, b.targets
+
+
+def packing_context(model) -> int | None:
+    """Rows of context_length for packed fine-tuning batches, or None (one example per row) when the
+    model does not mask documents: packed examples would then see each other."""
+    return model.config.context_length if model.config.eot_id >= 0 else None
 
 
 def fixed_batches(encoded: list, pad_id: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor, list]]:
@@ -300,8 +309,9 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     save_json(run_dir / "config.json", {**config, "provenance": provenance(cfg.seed)})
 
     val_batches = fixed_batches(val_enc, tokenizer.eot_id)
+    pack = packing_context(model)
     summary = train(model, cfg,
-                    get_batch=lambda i: sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, i),
+                    get_batch=lambda i: sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, i, pack),
                     evaluate=lambda m: answer_loss(m, val_batches), run_dir=run_dir, resume=resume,
                     progress=progress)
     model.eval()

@@ -56,19 +56,29 @@ class LoRALinear(nn.Module):
             return y
         return y + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
 
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A, (d_out, d_in), computed in fp32 (or float64 if the weights are)."""
-        dtype = torch.float64 if self.lora_A.weight.dtype == torch.float64 else torch.float32
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """scaling * B @ A, (d_out, d_in), computed in `dtype` (default: fp32, or float64 if the weights are)."""
+        if dtype is None:
+            dtype = torch.float64 if self.lora_A.weight.dtype == torch.float64 else torch.float32
         return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+
+    def _fold(self, sign: int) -> None:
+        """W <- W + sign * delta, computed in float64 (fp32 on MPS, which has no float64) and rounded to W's
+        dtype once: the merged weight is then the nearest fp32 number to the exact sum. Summed in fp32,
+        B @ A and the addition each round, and on a base whose adapter moved W by as much as W itself, the
+        merged model's logits drifted 1.3e-4 from the unmerged one's instead of 7.7e-5 (README)."""
+        w = self.base.weight
+        wide = torch.float32 if w.device.type == "mps" else torch.float64
+        delta = self.delta_weight(wide)
+        if not torch.isfinite(delta).all():
+            raise ValueError("the LoRA delta holds NaN or Inf; the base weights were left untouched")
+        w.copy_((w.to(wide) + sign * delta).to(w.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged; unmerge it first (merging twice adds the delta twice)")
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ValueError("the LoRA delta holds NaN or Inf; the base weights were left untouched")
-        self.base.weight += delta.to(self.base.weight.dtype)
+        self._fold(+1)
         self.merged = True
 
     @torch.no_grad()
@@ -76,7 +86,7 @@ class LoRALinear(nn.Module):
         """Subtract the delta again. W + d - d equals W only up to rounding (about 1e-7 relative in fp32)."""
         if not self.merged:
             raise RuntimeError("this LoRA layer is not merged")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self._fold(-1)
         self.merged = False
 
 

@@ -145,14 +145,29 @@ def encode_examples(tokenizer, examples: list[dict], context: int) -> tuple[list
     return kept, skipped
 
 
-def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> SFTBatch:
-    """Pad to the longest example; targets are IGNORE on prompt and padding positions."""
-    t = max(len(ids) for ids, _ in encoded) - 1
-    x = torch.full((len(encoded), t), pad_id, dtype=torch.long)
-    y = torch.full((len(encoded), t), IGNORE, dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(encoded):
+def collate(encoded: list[tuple[list[int], int]], pad_id: int, context: int | None = None) -> SFTBatch:
+    """Rows padded to the longest; targets are IGNORE on prompt and padding positions.
+
+    With `context`, examples are packed: laid end to end in rows of at most `context` inputs, each in
+    the first row with room (the end token closing one example opens the next). The model's document
+    mask (GPTConfig.eot_id) keeps them from seeing each other, and a batch pads far less: 16 questions
+    of 80 tokens on average pad to the longest of them, about 154, one per row. Without `context`,
+    one example per row."""
+    rows: list[tuple[list[int], list[bool]]] = []  # ids, and whether each target (ids[j + 1]) is trained on
+    for ids, n_prompt in encoded:
+        # target j is token j + 1: the answer starts at token n_prompt, i.e. at target n_prompt - 1
+        train = [False] * (n_prompt - 1) + [True] * (len(ids) - n_prompt)
+        row = next((r for r in rows if context and len(r[0]) + len(ids) - 2 <= context), None)
+        if row is None:
+            rows.append((list(ids), train))
+        else:
+            row[0].extend(ids[1:])
+            row[1].extend(train)
+    t = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), t), IGNORE, dtype=torch.long)
+    for i, (ids, train) in enumerate(rows):
         ids = torch.tensor(ids)
         x[i, : len(ids) - 1] = ids[:-1]
-        # target j is token j + 1: the answer starts at token n_prompt, i.e. at target n_prompt - 1
-        y[i, n_prompt - 1: len(ids) - 1] = ids[n_prompt:]
+        y[i, : len(ids) - 1] = torch.where(torch.tensor(train), ids[1:], IGNORE)
     return SFTBatch(x, y)

@@ -1462,11 +1462,12 @@ FINETUNE = [
     from microlm.data import IGNORE
     from microlm.evaluate import logits_of, max_abs_diff, per_token_latency
     from microlm.finetune import (LoRAConfig, accuracy, finetune_defaults, fitting, fixed_batches, load_lora_run,
-                                  lora_config_from_dict, prepare_model, run_finetune, sft_batch, training_memory)
+                                  lora_config_from_dict, packing_context, prepare_model, run_finetune, sft_batch,
+                                  training_memory)
     from microlm.lora import base_fingerprint, load_adapter, merge_and_unload, merge_lora, set_lora_enabled
     from microlm.plots import plot_finetune_loss, plot_latency
     from microlm.sft import collate, encode_example, make_sft_set, questions, read_sft_jsonl
-    from microlm.train import TrainConfig, read_metrics
+    from microlm.train import TrainConfig, masked_loss, read_metrics
     from microlm.world import World, parse
 
     if FAST:
@@ -1524,6 +1525,23 @@ FINETUNE = [
     for j in range(len(inputs) - 10, len(inputs)):
         target = tok.decode([targets[j]])
         print(f"{j:8d}  {tok.decode([inputs[j]])!r:>14}  {target!r:>14}  {'yes' if targets_by_hand[j] != IGNORE else '-'}")
+    """),
+    md(r"""
+    Questions are short (about 80 tokens) and uneven, so a batch of 16, each padded to the longest,
+    would be half padding. Training *packs* them instead: `collate(..., context=...)` lays examples end
+    to end in rows of the context length, the end token closing one example opening the next. The
+    model's document mask (a token sees only its own document, which starts at an end token) keeps
+    each example to itself, and RoPE depends only on distances, so a packed example costs the same
+    loss as one alone in its row, as the check below shows in float64.
+    """),
+    code(r"""
+    some = [encode_example(tok, ex["prompt"], ex["response"]) for ex in make_sft_set(world, {"train": 8}, seed=1)["train"]]
+    alone, packed = collate(some, tok.eot_id), collate(some, tok.eot_id, context=base_model.config.context_length)
+    check = copy.deepcopy(base_model).double()
+    losses = [masked_loss(check(b.inputs), b.targets).item() for b in (alone, packed)]
+    assert abs(losses[0] - losses[1]) < 1e-9
+    print(f"8 questions: {alone.inputs.numel()} input positions one per row, {packed.inputs.numel()} packed; "
+          f"loss {losses[0]:.6f} vs {losses[1]:.6f}")
     """),
     md(r"""
     ## A LoRA fine-tune
@@ -1729,7 +1747,8 @@ FINETUNE = [
     full_summary = load_json(FULL / "summary.json")
 
     train_examples, train_encoded, _ = fitting(tok, train_all[:256], base_model.config.context_length)
-    step_batch = sft_batch(train_encoded, train_cfg.batch_size, tok.eot_id, train_cfg.seed, 0)
+    step_batch = sft_batch(train_encoded, train_cfg.batch_size, tok.eot_id, train_cfg.seed, 0,
+                           packing_context(base_model))
     memory = {name: training_memory(prepare_model(copy.deepcopy(base_model), cfg), step_batch, train_cfg)["total"]
               for name, cfg in (("lora", lora_cfg), ("full", None))}
     full_bytes = (FULL / "model.safetensors").stat().st_size

@@ -65,6 +65,20 @@ def test_merged_equals_unmerged_and_differs_from_the_base(dtype, atol):
     torch.testing.assert_close(model(X), unmerged, atol=atol, rtol=0)
 
 
+def test_a_merged_weight_is_the_exact_sum_rounded_once():
+    """W + scale * B @ A is summed in float64 and rounded to fp32 once: the nearest fp32 weights to
+    the exact merged ones (fp32 arithmetic would round B @ A and the sum separately)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 48, bias=False), r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()  # a large delta, as long fine-tuning makes
+    exact = layer.base.weight.double() + 2.0 * (layer.lora_B.weight.double() @ layer.lora_A.weight.double())
+    in_fp32 = layer.base.weight + 2.0 * (layer.lora_B.weight @ layer.lora_A.weight)
+    layer.merge()
+    assert torch.equal(layer.base.weight, exact.float())
+    assert not torch.equal(in_fp32, exact.float())  # so the check above can tell the two apart
+
+
 def test_merge_and_unload_gives_a_plain_model_with_the_same_function():
     model = apply_lora_to_model(base_model(), r=2, alpha=4)
     randomise_adapter(model)

@@ -63,6 +63,25 @@ def test_only_answer_positions_receive_gradient(tok):
     assert (per_position[batch.targets != IGNORE] > 0).all()
 
 
+def test_packed_examples_train_on_the_same_answers_with_the_same_loss(tok):
+    """Packing several examples into one row changes nothing the model computes: the document mask keeps
+    each example to itself, and RoPE depends only on distances, so the loss is the unpacked one."""
+    prompts = [(STORY + "\nQ: Who has the red ball?\nA:", " Mia"), ("Ann has a red ball.\nQ: Who has it?\nA:", " Ann"),
+               ("Tom leaves Tom's house.\nQ: Where is Tom?\nA:", " at Mia's house"), ("Q: Who?\nA:", " Tom")]
+    encoded = [encode_example(tok, p, r) for p, r in prompts]
+    longest = max(len(ids) for ids, _ in encoded) - 1
+    packed, single = collate(encoded, tok.eot_id, context=longest + 12), collate(encoded, tok.eot_id)
+    assert len(packed.inputs) < len(encoded) and packed.inputs.shape[1] <= longest + 12
+    # the same answer tokens are trained on
+    assert sorted(packed.targets[packed.targets != IGNORE].tolist()) == sorted(single.targets[single.targets != IGNORE].tolist())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, context_length=128, d_model=16, n_layers=2, n_heads=2,
+                          eot_id=tok.eot_id)).double()
+    loss_packed = masked_loss(model(packed.inputs), packed.targets).item()
+    loss_single = masked_loss(model(single.inputs), single.targets).item()
+    assert loss_packed == pytest.approx(loss_single, rel=1e-9)
+
+
 def test_examples_longer_than_the_context_are_skipped_and_counted(tok):
     kept, skipped = encode_examples(tok, [{"prompt": STORY, "response": " x"}, {"prompt": "A:", "response": " y"}],
                                     context=10)
