@@ -140,7 +140,8 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
                     "dtype": "float32"}
     cfg = TrainConfig(**run_config["train"])
     train_ex, train_enc, _ = fitting(tokenizer, read_sft_jsonl(run_config["sft"]["train"]), model.config.context_length)
-    batch = sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, 0, packing_context(base))
+    batch = sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, 0,
+                      packing_context(base, tokenizer.eot_id))  # as training draws its first batch
     trainers = {"lora": prepare_model(copy.deepcopy(base), lora_cfg), "full": prepare_model(copy.deepcopy(base), None)}
     res["train_step"] = step_cost(trainers, batch, cfg)
     res["train_memory_bytes"] = {name: training_memory(m, batch, cfg) for name, m in trainers.items()}

@@ -45,9 +45,10 @@ class LoRAConfig:
 def finetune_defaults(full: bool) -> TrainConfig:
     """The fine-tuning budget: the same steps and batch for LoRA and full fine-tuning. Each gets the
     learning rate that suits it: the adapter starts at zero and needs a larger step than weights that
-    are already trained. 1,000 steps of 16 draw 16,000 questions from 24,000, so few come twice: with
-    400 steps on 8,000 questions full fine-tuning reached 81% and LoRA 72%, with 1,000 on 8,000 86% and
-    84%, their training loss far below the held-out one (see the README)."""
+    are already trained. 1,000 steps of 16 draw 16,000 questions from 24,000, so about one in seven
+    comes twice or more: with 400 steps on 8,000 questions full fine-tuning reached 81% and LoRA 72%,
+    with 1,000 on 8,000 86% and 84%, full fine-tuning's training loss far below its held-out loss
+    (see the README)."""
     return TrainConfig(max_steps=1000, batch_size=16, lr=1e-3 if full else 5e-3, warmup_steps=30, weight_decay=0.0,
                        eval_every=200, checkpoint_every=200)
 
@@ -97,10 +98,11 @@ def sft_batch(encoded: list, batch_size: int, pad_id: int, seed: int, step: int,
     return b.inputs, b.targets
 
 
-def packing_context(model) -> int | None:
-    """Rows of context_length for packed fine-tuning batches, or None (one example per row) when the
-    model does not mask documents: packed examples would then see each other."""
-    return model.config.context_length if model.config.eot_id >= 0 else None
+def packing_context(model, eot_id: int) -> int | None:
+    """Rows of context_length for packed fine-tuning batches, or None (one example per row) unless the
+    model starts a document at `eot_id`, the token that separates packed examples: without that mask
+    they would see each other (a `--corpus` base, for one, is trained without it)."""
+    return model.config.context_length if model.config.eot_id == eot_id >= 0 else None
 
 
 def fixed_batches(encoded: list, pad_id: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor, list]]:
@@ -284,12 +286,14 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
                          "shorter examples are needed")
     print(f"data    {len(train_ex):,} training and {len(val_ex):,} held-out questions ({sft_info['train']})")
 
+    pack = packing_context(model, tokenizer.eot_id)
     config = {"kind": kind, "base": str(base_dir), "base_fingerprint": base_fingerprint(model),
               "lora": dataclasses.asdict(lora) if lora else None, "train": dataclasses.asdict(cfg), "sft": sft_info,
+              "packed_rows": pack,
               "tokenizer": {"n_vocab": tokenizer.n_vocab, "sha256": sha256_file(Path(base_dir) / "tokenizer.json")}}
     if resume:
         saved = load_json(run_dir / "config.json", "run config")
-        for key in ("kind", "base_fingerprint", "sft"):
+        for key in ("kind", "base_fingerprint", "sft", "packed_rows"):
             if json.loads(json.dumps(config[key])) != saved.get(key):
                 raise ValueError(f"--resume: {key} differs from the run in {run_dir} ({saved.get(key)!r}); "
                                  "resume with the same settings or start a new --run-dir")
@@ -309,7 +313,6 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     save_json(run_dir / "config.json", {**config, "provenance": provenance(cfg.seed)})
 
     val_batches = fixed_batches(val_enc, tokenizer.eot_id)
-    pack = packing_context(model)
     summary = train(model, cfg,
                     get_batch=lambda i: sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, i, pack),
                     evaluate=lambda m: answer_loss(m, val_batches), run_dir=run_dir, resume=resume,

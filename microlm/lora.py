@@ -62,31 +62,33 @@ class LoRALinear(nn.Module):
             dtype = torch.float64 if self.lora_A.weight.dtype == torch.float64 else torch.float32
         return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
 
-    def _fold(self, sign: int) -> None:
-        """W <- W + sign * delta, computed in float64 (fp32 on MPS, which has no float64) and rounded to W's
-        dtype once: the merged weight is then the nearest fp32 number to the exact sum. Summed in fp32,
-        B @ A and the addition each round, and on a base whose adapter moved W by as much as W itself, the
-        merged model's logits drifted 1.3e-4 from the unmerged one's instead of 7.7e-5 (README)."""
+    def folded_weight(self, sign: int = 1) -> torch.Tensor:
+        """W + sign * delta, without touching W: summed in float64 (fp32 on MPS, which has no float64)
+        and rounded to W's dtype once, so a merged weight is the nearest value in that dtype to the exact
+        sum. Summed in fp32, B @ A and the addition each round, and on a base whose adapter moved weights
+        by more than their own size, the merged model's logits drifted 1.3e-4 from the unmerged one's
+        instead of 7.7e-5 (README). Raises if the result holds NaN or Inf, overflow included."""
         w = self.base.weight
         wide = torch.float32 if w.device.type == "mps" else torch.float64
-        delta = self.delta_weight(wide)
-        if not torch.isfinite(delta).all():
-            raise ValueError("the LoRA delta holds NaN or Inf; the base weights were left untouched")
-        w.copy_((w.to(wide) + sign * delta).to(w.dtype))
+        new = (w.to(wide) + sign * self.delta_weight(wide)).to(w.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError("the LoRA delta holds NaN or Inf, or overflows the weights' dtype; "
+                             "the base weights were left untouched")
+        return new
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged; unmerge it first (merging twice adds the delta twice)")
-        self._fold(+1)
+        self.base.weight.copy_(self.folded_weight(+1))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the delta again. W + d - d equals W only up to rounding (about 1e-7 relative in fp32)."""
+        """Subtract the delta again. W + d - d equals W only up to rounding (about 1e-7 of |W + d| in fp32)."""
         if not self.merged:
             raise RuntimeError("this LoRA layer is not merged")
-        self._fold(-1)
+        self.base.weight.copy_(self.folded_weight(-1))
         self.merged = False
 
 
@@ -114,9 +116,18 @@ def apply_lora_to_model(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, a
     return model
 
 
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.merge()
+    """Merge every adapter into its base weight. All merged weights are computed and checked first, so a
+    refusal (already merged, NaN or Inf anywhere) leaves every layer as it was."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("this model's LoRA layers are already merged; unmerge them first "
+                           "(merging twice adds the delta twice)")
+    merged = [layer.folded_weight(+1) for layer in layers]
+    for layer, weight in zip(layers, merged):
+        layer.base.weight.copy_(weight)
+        layer.merged = True
 
 
 def unmerge_lora(model: nn.Module) -> None:

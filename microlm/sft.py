@@ -153,20 +153,24 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int, context: int | No
     mask (GPTConfig.eot_id) keeps them from seeing each other, and a batch pads far less: 16 questions
     of 80 tokens on average pad to the longest of them, about 154, one per row. Without `context`,
     one example per row."""
-    rows: list[tuple[list[int], list[bool]]] = []  # ids, and whether each target (ids[j + 1]) is trained on
+    rows_ids: list[list[int]] = []  # the tokens of each row
+    rows_train: list[list[bool]] = []  # per row, whether target j (token j + 1) is trained on
     for ids, n_prompt in encoded:
         # target j is token j + 1: the answer starts at token n_prompt, i.e. at target n_prompt - 1
-        train = [False] * (n_prompt - 1) + [True] * (len(ids) - n_prompt)
-        row = next((r for r in rows if context and len(r[0]) + len(ids) - 2 <= context), None)
-        if row is None:
-            rows.append((list(ids), train))
+        train = [False] * (n_prompt - 1) + [True] * (len(ids) - n_prompt)  # one entry per target
+        # Appended to a row, the example adds len(ids) - 1 tokens (its leading end token is the row's
+        # last one) and as many inputs; a row of n tokens has n - 1 inputs.
+        fits = [i for i, row in enumerate(rows_ids) if context and len(row) + len(ids) - 2 <= context]
+        if fits:
+            rows_ids[fits[0]].extend(ids[1:])
+            rows_train[fits[0]].extend(train)  # the shared end token's target is this example's first
         else:
-            row[0].extend(ids[1:])
-            row[1].extend(train)
-    t = max(len(ids) for ids, _ in rows) - 1
-    x = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), t), IGNORE, dtype=torch.long)
-    for i, (ids, train) in enumerate(rows):
+            rows_ids.append(list(ids))
+            rows_train.append(train)
+    t = max(len(ids) for ids in rows_ids) - 1
+    x = torch.full((len(rows_ids), t), pad_id, dtype=torch.long)
+    y = torch.full((len(rows_ids), t), IGNORE, dtype=torch.long)
+    for i, (ids, train) in enumerate(zip(rows_ids, rows_train)):
         ids = torch.tensor(ids)
         x[i, : len(ids) - 1] = ids[:-1]
         y[i, : len(ids) - 1] = torch.where(torch.tensor(train), ids[1:], IGNORE)

@@ -168,7 +168,7 @@ def train(
                         loss = masked_loss(model(x), y)
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.item() / cfg.grad_accum
-                    n_tokens += x.numel()
+                    n_tokens += x.numel()  # positions computed, padding included: what the step cost
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or math.inf).item()
                 # Checked before opt.step(): a non-finite gradient would put NaN into the weights, and the

@@ -1748,7 +1748,7 @@ FINETUNE = [
 
     train_examples, train_encoded, _ = fitting(tok, train_all[:256], base_model.config.context_length)
     step_batch = sft_batch(train_encoded, train_cfg.batch_size, tok.eot_id, train_cfg.seed, 0,
-                           packing_context(base_model))
+                           packing_context(base_model, tok.eot_id))
     memory = {name: training_memory(prepare_model(copy.deepcopy(base_model), cfg), step_batch, train_cfg)["total"]
               for name, cfg in (("lora", lora_cfg), ("full", None))}
     full_bytes = (FULL / "model.safetensors").stat().st_size
@@ -1774,11 +1774,12 @@ FINETUNE = [
     * Merged and unmerged adapters are the same function: their logits differ by float32 rounding,
       which shrinks by orders of magnitude in float64, and their greedy answers agree. Merging removes
       the adapter's cost at inference.
-    * How close LoRA comes to full fine-tuning depends on the task and on the base. Fine-tuning mostly
-      teaches the format and reuses what the base already computes; where the base has not learned
-      what the task needs (here, tracking the state of the story), neither kind of fine-tuning adds
-      much in a few hundred steps, and a larger rank does not help. `make lora-finetune` measures this
-      with a rank sweep; the README reports the numbers.
+    * How close LoRA comes to full fine-tuning depends on the task, the base and the budget. Fine-tuning
+      mostly teaches the format and reuses what the base already computes: here both kinds do best on
+      the questions whose look-up the base does well (who has an object now) and worst on where a
+      person is, the look-up the base gets wrong most often. LoRA needed more steps than full
+      fine-tuning to catch up, and a rank above 8 did not help. `make lora-finetune` measures this with
+      a rank sweep; the README reports the numbers.
     """),
 ]
 

@@ -89,15 +89,21 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_function():
     torch.testing.assert_close(plain(X), expected, atol=1e-5, rtol=0)
 
 
-def test_a_non_finite_delta_is_refused_before_the_weights_change():
+@pytest.mark.parametrize("bad", [float("nan"), 1e20])  # 1e20: finite in float64, overflows fp32 when merged
+def test_a_non_finite_merge_is_refused_before_any_weight_changes(bad):
     model = apply_lora_to_model(base_model(), r=2, alpha=4)
-    layer = next(iter(lora_layers(model).values()))
-    before = layer.base.weight.clone()
+    randomise_adapter(model)
+    layers = list(lora_layers(model).values())
+    before = [layer.base.weight.clone() for layer in layers]
     with torch.no_grad():
-        layer.lora_B.weight.fill_(float("nan"))
-    with pytest.raises(ValueError, match="NaN"):
-        layer.merge()
-    assert torch.equal(layer.base.weight, before)
+        layers[-1].lora_A.weight.fill_(bad)
+        layers[-1].lora_B.weight.fill_(bad)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layers[-1].merge()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        merge_lora(model)  # the last layer is bad: the earlier ones must not have been merged either
+    assert all(torch.equal(layer.base.weight, w) for layer, w in zip(layers, before))
+    assert not any(layer.merged for layer in layers)
 
 
 def test_disabling_the_adapter_gives_the_base_function():

@@ -82,6 +82,13 @@ def test_packed_examples_train_on_the_same_answers_with_the_same_loss(tok):
     assert loss_packed == pytest.approx(loss_single, rel=1e-9)
 
 
+def test_packing_fills_a_row_exactly_to_the_context():
+    a, b = ([9, 1, 2, 9], 2), ([9, 3, 4, 5, 9], 3)  # 3 and 4 inputs alone; 7 inputs packed (one end token shared)
+    assert collate([a, b], 9, context=7).inputs.tolist() == [[9, 1, 2, 9, 3, 4, 5]]
+    assert collate([a, b], 9, context=7).targets.tolist() == [[IGNORE, 2, 9, IGNORE, IGNORE, 5, 9]]
+    assert len(collate([a, b], 9, context=6).inputs) == 2
+
+
 def test_examples_longer_than_the_context_are_skipped_and_counted(tok):
     kept, skipped = encode_examples(tok, [{"prompt": STORY, "response": " x"}, {"prompt": "A:", "response": " y"}],
                                     context=10)
