@@ -2,7 +2,8 @@
 
     tokens -> tok_emb -> [Block] x n_layers -> final_norm -> lm_head -> logits
 
-Each Block is pre-norm:  x = x + attn(attn_norm(x));  x = x + mlp(mlp_norm(x)).
+Each Block is pre-norm:  x = x + attn(conv(attn_norm(x)));  x = x + mlp(conv(mlp_norm(x))), where each
+conv is a ShortConv that mixes the last few positions into each one (conv_kernel = 0 leaves it out).
 Attention uses rotary position embeddings (RoPE) and separate bias-free q_proj, k_proj, v_proj and
 output_proj linears (the LoRA stage swaps exactly these); the feed-forward is SwiGLU. The model returns
 logits only: losses belong to the training code.
@@ -37,6 +38,9 @@ class GPTConfig:
     # most sqrt(head_dim) (about 5.7 here) times the norms' gains, too flat to pick one token out of a
     # story until the gains grow; 2 lets heads look things up sooner (see the README's results).
     attn_scale: float = 2.0
+    # Each block mixes the last conv_kernel positions into the inputs of its attention and of its
+    # feed-forward, channel by channel (0: no mixing, a plain transformer). See ShortConv.
+    conv_kernel: int = 4
 
     def __post_init__(self):
         for f in fields(self):  # a JSON file or a flag can carry a string where a number belongs
@@ -55,6 +59,8 @@ class GPTConfig:
         if not -1 <= self.eot_id < self.vocab_size:
             raise ValueError(f"GPTConfig.eot_id must be -1 (no document masking) or a token id in "
                              f"[0, {self.vocab_size}), got {self.eot_id}")
+        if self.conv_kernel < 0:
+            raise ValueError(f"GPTConfig.conv_kernel must be >= 0 (0: no convolution), got {self.conv_kernel}")
         if self.d_ff < 0:
             raise ValueError(f"GPTConfig.d_ff must be >= 0 (0 picks a default), got {self.d_ff}")
         if self.d_ff == 0:
@@ -71,6 +77,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         known = {f.name for f in fields(cls)}
+        d = {"conv_kernel": 0, **d}  # saved before ShortConv existed: those models have none
         if unknown := sorted(set(d) - known):
             raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
         if missing := sorted(known - set(d)):
@@ -139,10 +146,17 @@ class KVCache:
     """Keys and values of the tokens seen so far, per layer: (batch, heads, max_len, head_dim) each,
     preallocated; `length` positions are filled. GPT.forward advances `length` after all layers wrote."""
 
-    def __init__(self, n_layers, batch_size, n_heads, max_len, head_dim, device=None, dtype=torch.float32):
+    def __init__(self, n_layers, batch_size, n_heads, max_len, head_dim, device=None, dtype=torch.float32,
+                 conv_kernel: int = 0):
         shape = (batch_size, n_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        # A ShortConv reads the inputs of the kernel - 1 positions before each new one; two per layer
+        # at most (before attention, before the feed-forward).
+        conv_shape = (batch_size, max_len, n_heads * head_dim)
+        self.conv_inputs = [torch.zeros(conv_shape, device=device, dtype=dtype)
+                            for _ in range(2 * n_layers if conv_kernel else 0)]
+        self.conv_kernel = conv_kernel
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # for document masks
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
 
@@ -153,7 +167,8 @@ class KVCache:
         if not 1 <= max_len <= c.context_length:
             raise ValueError(f"KVCache max_len must be in [1, context_length={c.context_length}], got {max_len}")
         p = next(model.parameters())
-        return cls(c.n_layers, batch_size, c.n_heads, max_len, c.head_dim, device or p.device, dtype or p.dtype)
+        return cls(c.n_layers, batch_size, c.n_heads, max_len, c.head_dim, device or p.device, dtype or p.dtype,
+                   c.conv_kernel)
 
     def add_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Check that idx (batch, t) fits after the prefix and record it; return all ids (batch, length + t)."""
@@ -172,6 +187,12 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def conv_update(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """Store a ShortConv's input x (batch, t, d_model) after the cached prefix; return the inputs of
+        the (up to) kernel - 1 positions before it. slot: 2 * layer, + 1 for the one before the feed-forward."""
+        self.conv_inputs[slot][:, self.length:self.length + x.shape[1]] = x
+        return self.conv_inputs[slot][:, max(0, self.length - self.conv_kernel + 1):self.length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -215,6 +236,39 @@ class CausalSelfAttention(nn.Module):
         return self.output_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
+class ShortConv(nn.Module):
+    """y[t] = x[t] + sum_j weight[j] * x[t - j] for j = 0 .. kernel-1, channel by channel: a causal
+    depthwise convolution with a residual, applied to the input of attention.
+
+    Attention finds a position by what is written *at* it. To restate who holds the ball, a head must
+    find the receiver of the ball's last pass (`The ball passes from Tom to Ann`): the word `Ann` must
+    say "I received the ball", and without help only an earlier attention layer can gather that from
+    the words before it. A short convolution mixes the last few words into each position directly, so
+    keys and values start out knowing their neighbours. (Short convolutions before attention: H3, Fu et
+    al. 2023; Based, Arora et al. 2024; "Canon layers", Allen-Zhu 2025.) The weights start at zero,
+    so a new model starts as a plain transformer."""
+
+    def __init__(self, d_model: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(kernel, d_model))
+
+    def forward(self, x, cut=None, prev=None):
+        """x: (batch, seq, d_model); prev: (batch, p, d_model), the inputs at the p < kernel positions just
+        before x (from a KV cache), or None; cut: None, or the terms that reach into an earlier document
+        (packed stories must not see each other) as index tensors (row, position in x, j), from
+        GPT.conv_cuts."""
+        t, kernel = x.shape[1], self.weight.shape[0]
+        past = x if prev is None else torch.cat([prev, x], dim=1)
+        past = F.pad(past, (0, 0, kernel - 1 - (past.shape[1] - t), 0))  # zeros before the first position
+        y = x
+        for j in range(kernel):  # past[:, kernel - 1 + i] is x[:, i]
+            y = y + past[:, kernel - 1 - j:kernel - 1 - j + t] * self.weight[j]
+        if cut is not None:  # take back the few terms that crossed a story boundary
+            row, i, j = cut
+            y = y.index_put((row, i), -past[row, i + kernel - 1 - j] * self.weight[j], accumulate=True)
+        return y
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020, 'GLU Variants Improve Transformer')."""
 
@@ -235,10 +289,19 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
+        k = config.conv_kernel
+        self.attn_conv = ShortConv(config.d_model, k) if k else None
+        self.mlp_conv = ShortConv(config.d_model, k) if k else None
 
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, cut=None):
+        h = self.attn_norm(x)
+        if self.attn_conv is not None:
+            h = self.attn_conv(h, cut, cache.conv_update(2 * layer, h) if cache is not None else None)
+        x = x + self.attn(h, cos, sin, cache, layer, mask)
+        h = self.mlp_norm(x)
+        if self.mlp_conv is not None:
+            h = self.mlp_conv(h, cut, cache.conv_update(2 * layer + 1, h) if cache is not None else None)
+        return x + self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -285,15 +348,17 @@ class GPT(nn.Module):
         # built: a branch on the data would split the compiled graph in two.
         eot = self.config.eot_id
         split = eot >= 0 and (torch.compiler.is_compiling() or bool((ids[:, 1:] == eot).any()))
-        mask = None
+        mask = cut = None
         if split:  # as 0 / -inf added to the scores: SDPA on CPU turns a boolean mask into that every call
             allowed = self.document_mask(ids, start)
             mask = torch.zeros(allowed.shape, dtype=self.tok_emb.weight.dtype, device=ids.device)
             mask.masked_fill_(~allowed, float("-inf"))
+            if self.config.conv_kernel:
+                cut = self.conv_cuts(ids, start)
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, mask)
+            x = block(x, cos, sin, cache, i, mask, cut)
         if cache is not None:
             cache.length = end
         return self.lm_head(self.final_norm(x))
@@ -306,12 +371,23 @@ class GPT(nn.Module):
         causal = torch.ones(end - start, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         return ((doc[:, start:, None] == doc[:, None, :]) & causal)[:, None]
 
+    def conv_cuts(self, ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, ...]:
+        """ids: (batch, end) as in document_mask -> (row, i, j) index tensors of the ShortConv terms that
+        must be dropped: new position i (at start + i) reading the input j positions back, in an earlier
+        document. Only the first conv_kernel - 1 positions of each story have any."""
+        doc = (ids == self.config.eot_id).cumsum(dim=1)
+        pos = torch.arange(start, ids.shape[1], device=ids.device)
+        back = pos[:, None] - torch.arange(self.config.conv_kernel, device=ids.device)
+        crosses = (back >= 0) & (doc[:, pos, None] != doc[:, back.clamp(min=0)])
+        return tuple(crosses.nonzero(as_tuple=True))
+
     def param_counts(self) -> dict[str, int]:
         """Parameters by component. named_parameters() yields a tied weight once, as tok_emb.weight,
         so a tied lm_head counts 0. Every RMSNorm gain (q_norm and k_norm included) counts as 'norms'."""
-        counts = dict.fromkeys(("embedding", "attention", "mlp", "norms", "lm_head"), 0)
+        counts = dict.fromkeys(("embedding", "attention", "conv", "mlp", "norms", "lm_head"), 0)
         for name, p in self.named_parameters():
             kind = ("norms" if "norm" in name else "attention" if ".attn." in name else "mlp" if ".mlp." in name
+                    else "conv" if "_conv." in name
                     else "embedding" if name.startswith("tok_emb.") else "lm_head")
             counts[kind] += p.numel()
         counts["total"] = sum(counts.values())
@@ -320,12 +396,15 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token, forward + backward: 6 * N + 12 * n_layers * d_model * context_length
         (Chowdhery et al. 2022, 'PaLM', appendix B). N counts the weights used in matmuls: the blocks'
-        linears and lm_head, which is a matmul even when tied (the embedding lookup is free). The second
+        linears and lm_head, which is a matmul even when tied (the embedding lookup is free), and the
+        ShortConvs' taps, which also do one multiply-add per token each. The second
         term is attention's scores QK^T and weighted sum AV over the full window, causal mask ignored.
         (Kaplan et al. 2020 count 6 * n_layers * d_model * context_length for the same term.)"""
         c = self.config
         n_matmul = sum(m.weight.numel() for m in self.blocks.modules() if isinstance(m, nn.Linear))
         n_matmul += c.vocab_size * c.d_model
+        # A ShortConv weight does one multiply-add per token too (0.5% of the total at the defaults).
+        n_matmul += sum(m.weight.numel() for m in self.modules() if isinstance(m, ShortConv))
         return 6 * n_matmul + 12 * c.n_layers * c.d_model * c.context_length
 
 

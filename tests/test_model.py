@@ -7,9 +7,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microlm.model import GPT, GPTConfig, KVCache, RMSNorm, apply_rope, pick_device, rope_tables
+from microlm.model import GPT, GPTConfig, KVCache, RMSNorm, ShortConv, apply_rope, pick_device, rope_tables
 
 TINY = dict(vocab_size=50, context_length=32, d_model=32, n_layers=2, n_heads=4)
+PLAIN = dict(conv_kernel=0)  # no ShortConv: a plain transformer (TINY has the default, kernel 4)
+
+
+def with_random_convs(model: GPT) -> GPT:
+    """ShortConv weights start at zero (the model is then a plain transformer): give them values, so a test
+    of the convolution's path can fail."""
+    for m in model.modules():
+        if isinstance(m, ShortConv):
+            nn.init.normal_(m.weight, std=0.5)
+    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,12 +60,12 @@ def cached_step_by_step(model, x, prefill):
     return torch.cat(steps, dim=1)
 
 
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_kv_cache_logits_equal_the_full_forward_at_every_step(qk_norm):
+@pytest.mark.parametrize("extra", [{}, {"qk_norm": False}, PLAIN])
+def test_kv_cache_logits_equal_the_full_forward_at_every_step(extra):
     # Tolerance 1e-5 in fp32: the cached path sums the same products in a different order.
     # Every step is compared, so a position offset that drifts after the prefill shows up.
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, qk_norm=qk_norm)).eval()
+    model = with_random_convs(GPT(GPTConfig(**TINY, **extra))).eval()
     x = torch.randint(0, 50, (2, 20))
     torch.testing.assert_close(cached_step_by_step(model, x, prefill=5), model(x), atol=1e-5, rtol=0)
 
@@ -92,9 +102,10 @@ def test_positions_beyond_the_context_are_refused(model):
         model(torch.zeros(1, 3, dtype=torch.long), cache)
 
 
-def test_documents_do_not_see_each_other_and_the_cache_agrees():
+@pytest.mark.parametrize("extra", [{}, PLAIN])
+def test_documents_do_not_see_each_other_and_the_cache_agrees(extra):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(**TINY, eot_id=0)).eval()
+    m = with_random_convs(GPT(GPTConfig(**TINY, **extra, eot_id=0))).eval()
     x = torch.randint(1, 50, (2, 20))
     x[:, 7] = 0  # a new document starts at position 7
     y = x.clone()
@@ -104,6 +115,31 @@ def test_documents_do_not_see_each_other_and_the_cache_agrees():
     torch.testing.assert_close(cached_step_by_step(m, x, prefill=4), m(x), atol=1e-5, rtol=0)
     cache = KVCache.for_model(m, batch_size=2)
     torch.testing.assert_close(torch.cat([m(x[:, :5], cache), m(x[:, 5:], cache)], 1), m(x), atol=1e-5, rtol=0)
+
+
+def test_short_conv_is_a_causal_depthwise_convolution_plus_its_input():
+    torch.manual_seed(0)
+    conv = ShortConv(8, kernel=3)
+    nn.init.normal_(conv.weight)
+    x = torch.randn(2, 7, 8)
+    # F.conv1d is a cross-correlation: tap i of its kernel meets x[t - (kernel - 1) + i], so weight[j]
+    # (for x[t - j]) is tap kernel - 1 - j.
+    taps = conv.weight.flip(0).T[:, None, :]  # (channels, 1, kernel)
+    ref = x + F.conv1d(F.pad(x.transpose(1, 2), (2, 0)), taps, groups=8).transpose(1, 2)
+    torch.testing.assert_close(conv(x), ref, atol=1e-6, rtol=0)
+    # a prefix handed over by a cache gives the same outputs as the whole sequence
+    torch.testing.assert_close(conv(x[:, 4:], prev=x[:, 2:4]), ref[:, 4:], atol=1e-6, rtol=0)
+
+
+def test_a_new_short_conv_leaves_the_model_a_plain_transformer():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**{**TINY, **PLAIN})).eval()
+    convs = GPT(GPTConfig(**TINY)).eval()
+    missing, unexpected = convs.load_state_dict(plain.state_dict(), strict=False)
+    assert all("_conv." in k for k in missing) and missing and not unexpected
+    x = torch.randint(0, 50, (2, 12))
+    torch.testing.assert_close(convs(x), plain(x), atol=1e-6, rtol=0)
+    assert not torch.allclose(with_random_convs(convs)(x), plain(x))
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 16), (2, 4, 6, 8)])
@@ -164,6 +200,8 @@ def test_param_counts_add_up_and_count_tied_weights_once():
     per_block_attn, per_block_mlp = 4 * 32 * 32, 3 * 32 * 96  # d_ff = 96 for d_model 32
     assert (counts["embedding"], counts["attention"], counts["mlp"]) == (50 * 32, 2 * per_block_attn, 2 * per_block_mlp)
     assert counts["norms"] == 2 * (2 * 32 + 2 * 8) + 32  # attn/mlp norms, q/k norms (head_dim 8), final norm
+    assert counts["conv"] == 2 * 2 * 4 * 32  # 2 blocks, 2 ShortConvs each, kernel 4, d_model 32
+    assert GPT(GPTConfig(**{**TINY, **PLAIN})).param_counts()["conv"] == 0
     untied = GPT(GPTConfig(**TINY, tie_embeddings=False))
     assert untied.param_counts()["total"] == sum(p.numel() for p in untied.parameters())
     assert untied.param_counts()["total"] - counts["total"] == 50 * 32
@@ -173,7 +211,8 @@ def test_flops_per_token_is_6n_plus_12_l_d_t():
     for tie in (True, False):
         m = GPT(GPTConfig(**TINY, tie_embeddings=tie))
         n_matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-        assert m.flops_per_token() == 6 * n_matmul + 12 * 2 * 32 * 32
+        n_conv = 2 * 2 * 4 * 32  # a ShortConv weight does one multiply-add per token, like a matmul's
+        assert m.flops_per_token() == 6 * (n_matmul + n_conv) + 12 * 2 * 32 * 32
 
 
 def test_default_d_ff_is_8_thirds_of_d_model_rounded_up_to_32():
@@ -197,7 +236,7 @@ def test_init_std_is_002_and_residual_projections_smaller():
     (dict(d_model=30, n_heads=4), "d_model"), (dict(d_model=12, n_heads=4), "d_model"),
     (dict(n_layers=0), "n_layers"), (dict(vocab_size=-1), "vocab_size"), (dict(d_ff=-5), "d_ff"),
     (dict(rope_base=0.0), "rope_base"), (dict(norm_eps=-1e-5), "norm_eps"), (dict(eot_id=512), "eot_id"),
-    (dict(d_model="128"), "d_model"),
+    (dict(d_model="128"), "d_model"), (dict(conv_kernel=-1), "conv_kernel"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
@@ -213,6 +252,9 @@ def test_config_round_trips_and_from_dict_names_unknown_and_missing_keys():
     del d["n_heads"]
     with pytest.raises(ValueError, match="missing.*n_heads"):
         GPTConfig.from_dict(d)
+    older = cfg.to_dict()
+    del older["conv_kernel"]  # a model saved before ShortConv existed is a plain transformer
+    assert GPTConfig.from_dict(older).conv_kernel == 0
 
 
 def test_a_few_steps_of_adamw_learn_a_repeated_sequence():
