@@ -252,20 +252,18 @@ class ShortConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(kernel, d_model))
 
-    def forward(self, x, cut=None, prev=None):
+    def forward(self, x, keep=None, prev=None):
         """x: (batch, seq, d_model); prev: (batch, p, d_model), the inputs at the p < kernel positions just
-        before x (from a KV cache), or None; cut: None, or the terms that reach into an earlier document
-        (packed stories must not see each other) as index tensors (row, position in x, j), from
-        GPT.conv_cuts."""
+        before x (from a KV cache), or None; keep: None, or (batch, seq, kernel) with 1.0 where the input
+        j positions back is in the same story and 0.0 where it is not (packed stories must not see each
+        other), from GPT.conv_keep."""
         t, kernel = x.shape[1], self.weight.shape[0]
         past = x if prev is None else torch.cat([prev, x], dim=1)
         past = F.pad(past, (0, 0, kernel - 1 - (past.shape[1] - t), 0))  # zeros before the first position
         y = x
         for j in range(kernel):  # past[:, kernel - 1 + i] is x[:, i]
-            y = y + past[:, kernel - 1 - j:kernel - 1 - j + t] * self.weight[j]
-        if cut is not None:  # take back the few terms that crossed a story boundary
-            row, i, j = cut
-            y = y.index_put((row, i), -past[row, i + kernel - 1 - j] * self.weight[j], accumulate=True)
+            term = past[:, kernel - 1 - j:kernel - 1 - j + t] * self.weight[j]
+            y = y + (term if keep is None or j == 0 else term * keep[..., j:j + 1])
         return y
 
 
@@ -293,14 +291,14 @@ class Block(nn.Module):
         self.attn_conv = ShortConv(config.d_model, k) if k else None
         self.mlp_conv = ShortConv(config.d_model, k) if k else None
 
-    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, cut=None):
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, keep=None):
         h = self.attn_norm(x)
         if self.attn_conv is not None:
-            h = self.attn_conv(h, cut, cache.conv_update(2 * layer, h) if cache is not None else None)
+            h = self.attn_conv(h, keep, cache.conv_update(2 * layer, h) if cache is not None else None)
         x = x + self.attn(h, cos, sin, cache, layer, mask)
         h = self.mlp_norm(x)
         if self.mlp_conv is not None:
-            h = self.mlp_conv(h, cut, cache.conv_update(2 * layer + 1, h) if cache is not None else None)
+            h = self.mlp_conv(h, keep, cache.conv_update(2 * layer + 1, h) if cache is not None else None)
         return x + self.mlp(h)
 
 
@@ -348,17 +346,17 @@ class GPT(nn.Module):
         # built: a branch on the data would split the compiled graph in two.
         eot = self.config.eot_id
         split = eot >= 0 and (torch.compiler.is_compiling() or bool((ids[:, 1:] == eot).any()))
-        mask = cut = None
+        mask = keep = None
         if split:  # as 0 / -inf added to the scores: SDPA on CPU turns a boolean mask into that every call
             allowed = self.document_mask(ids, start)
             mask = torch.zeros(allowed.shape, dtype=self.tok_emb.weight.dtype, device=ids.device)
             mask.masked_fill_(~allowed, float("-inf"))
             if self.config.conv_kernel:
-                cut = self.conv_cuts(ids, start)
+                keep = self.conv_keep(ids, start)
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, mask, cut)
+            x = block(x, cos, sin, cache, i, mask, keep)
         if cache is not None:
             cache.length = end
         return self.lm_head(self.final_norm(x))
@@ -371,15 +369,15 @@ class GPT(nn.Module):
         causal = torch.ones(end - start, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         return ((doc[:, start:, None] == doc[:, None, :]) & causal)[:, None]
 
-    def conv_cuts(self, ids: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, ...]:
-        """ids: (batch, end) as in document_mask -> (row, i, j) index tensors of the ShortConv terms that
-        must be dropped: new position i (at start + i) reading the input j positions back, in an earlier
-        document. Only the first conv_kernel - 1 positions of each story have any."""
+    def conv_keep(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """ids: (batch, end) as in document_mask -> (batch, end - start, conv_kernel): 1.0 where the input
+        j positions before position start + i is in the same story (or before position 0, where ShortConv
+        reads zeros), 0.0 where it is in an earlier one. Dense multiplies rather than a sparse fix-up of the
+        few crossing terms: index_put with accumulate is not bit-reproducible on a multi-threaded CPU."""
         doc = (ids == self.config.eot_id).cumsum(dim=1)
         pos = torch.arange(start, ids.shape[1], device=ids.device)
-        back = pos[:, None] - torch.arange(self.config.conv_kernel, device=ids.device)
-        crosses = (back >= 0) & (doc[:, pos, None] != doc[:, back.clamp(min=0)])
-        return tuple(crosses.nonzero(as_tuple=True))
+        back = (pos[:, None] - torch.arange(self.config.conv_kernel, device=ids.device)).clamp(min=0)
+        return (doc[:, pos, None] == doc[:, back]).to(self.tok_emb.weight.dtype)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by component. named_parameters() yields a tied weight once, as tok_emb.weight,
