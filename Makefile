@@ -37,7 +37,7 @@ lora-finetune: $(STAMP) ## LoRA r=8 on the question set, the full fine-tune base
 	  echo "runs/lora is already compared (make lora-finetune ARGS=--overwrite runs it again)"; \
 	else $(VENV)/bin/microlm lora-finetune $(ARGS) \
 	  && $(VENV)/bin/microlm finetune --full $(ARGS) \
-	  && $(VENV)/bin/microlm compare; fi
+	  && $(VENV)/bin/microlm compare $(filter --no-progress,$(ARGS)); fi
 
 sample: $(STAMP) ## print five stories sampled from runs/pretrain, each scored by the world
 	$(VENV)/bin/microlm sample --run-dir runs/pretrain $(ARGS)

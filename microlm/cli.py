@@ -50,6 +50,8 @@ HELP = {
     "tie_embeddings": "share the input embedding and the output head", "norm_eps": "RMSNorm epsilon",
     "qk_norm": "RMS-normalise queries and keys per head",
     "attn_scale": "attention scores are q.k * attn_scale / sqrt(head_dim)",
+    "conv_kernel": "positions each block's short convolutions mix into attention's and the feed-forward's "
+                   "input (0: none, a plain transformer)",
 }
 
 # Corpus sizes for `make pretrain` on a 2-core laptop CPU (see data/README.md for why these).

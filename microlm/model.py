@@ -190,9 +190,10 @@ class KVCache:
 
     def conv_update(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """Store a ShortConv's input x (batch, t, d_model) after the cached prefix; return the inputs of
-        the (up to) kernel - 1 positions before it. slot: 2 * layer, + 1 for the one before the feed-forward."""
-        self.conv_inputs[slot][:, self.length:self.length + x.shape[1]] = x
-        return self.conv_inputs[slot][:, max(0, self.length - self.conv_kernel + 1):self.length]
+        the (up to) kernel - 1 positions before it, then x. slot: 2 * layer, + 1 before the feed-forward."""
+        end = self.length + x.shape[1]
+        self.conv_inputs[slot][:, self.length:end] = x
+        return self.conv_inputs[slot][:, max(0, self.length - self.conv_kernel + 1):end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -237,14 +238,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """y[t] = x[t] + sum_j weight[j] * x[t - j] for j = 0 .. kernel-1, channel by channel: a causal
-    depthwise convolution with a residual, applied to the input of attention.
+    """y[t] = x[t] + sum_i weight[i] * x[t - (kernel - 1 - i)] for i = 0 .. kernel-1, channel by channel:
+    a causal depthwise convolution (weight[-1] meets the current position, weight[0] the oldest; the
+    order of F.conv1d's taps) with a residual, applied to the inputs of attention and of the feed-forward.
 
     Attention finds a position by what is written *at* it. To restate who holds the ball, a head must
     find the receiver of the ball's last pass (`The ball passes from Tom to Ann`): the word `Ann` must
     say "I received the ball", and without help only an earlier attention layer can gather that from
     the words before it. A short convolution mixes the last few words into each position directly, so
-    keys and values start out knowing their neighbours. (Short convolutions before attention: H3, Fu et
+    keys and values start out knowing their neighbours. (Short convolutions beside attention: H3, Fu et
     al. 2023; Based, Arora et al. 2024; "Canon layers", Allen-Zhu 2025.) The weights start at zero,
     so a new model starts as a plain transformer."""
 
@@ -252,18 +254,21 @@ class ShortConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(kernel, d_model))
 
-    def forward(self, x, keep=None, prev=None):
-        """x: (batch, seq, d_model); prev: (batch, p, d_model), the inputs at the p < kernel positions just
-        before x (from a KV cache), or None; keep: None, or (batch, seq, kernel) with 1.0 where the input
-        j positions back is in the same story and 0.0 where it is not (packed stories must not see each
-        other), from GPT.conv_keep."""
+    def forward(self, x, keep=None, past=None):
+        """x: (batch, seq, d_model); past: None, or (batch, p + seq, d_model) from a KV cache: the inputs at
+        the p < kernel positions before x, then x; keep: None, or (batch, seq, kernel), in the weights'
+        order: 1.0 where that input is in x[t]'s story, 0.0 where it is in an earlier one (packed stories
+        must not see each other), from GPT.conv_keep."""
         t, kernel = x.shape[1], self.weight.shape[0]
-        past = x if prev is None else torch.cat([prev, x], dim=1)
+        past = x if past is None else past
+        if t == 1 and past.shape[1] == kernel:  # decoding one token: one weighted sum over the window
+            w = self.weight if keep is None else self.weight * keep[:, 0, :, None]  # (kernel, d) or (b, kernel, d)
+            return x + (past * w).sum(dim=1, keepdim=True)
         past = F.pad(past, (0, 0, kernel - 1 - (past.shape[1] - t), 0))  # zeros before the first position
         y = x
-        for j in range(kernel):  # past[:, kernel - 1 + i] is x[:, i]
-            term = past[:, kernel - 1 - j:kernel - 1 - j + t] * self.weight[j]
-            y = y + (term if keep is None or j == 0 else term * keep[..., j:j + 1])
+        for i in range(kernel):  # past[:, i:i + t] is x shifted kernel - 1 - i positions later
+            term = past[:, i:i + t] * self.weight[i]
+            y = y + (term if keep is None or i == kernel - 1 else term * keep[..., i:i + 1])
         return y
 
 
@@ -370,14 +375,15 @@ class GPT(nn.Module):
         return ((doc[:, start:, None] == doc[:, None, :]) & causal)[:, None]
 
     def conv_keep(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """ids: (batch, end) as in document_mask -> (batch, end - start, conv_kernel): 1.0 where the input
-        j positions before position start + i is in the same story (or before position 0, where ShortConv
-        reads zeros), 0.0 where it is in an earlier one. Dense multiplies rather than a sparse fix-up of the
-        few crossing terms: index_put with accumulate is not bit-reproducible on a multi-threaded CPU."""
+        """ids: (batch, end) as in document_mask -> (batch, end - start, conv_kernel), in ShortConv's weight
+        order: 1.0 where the input kernel - 1 - i positions before position start + t is in the same story
+        (or before position 0, where ShortConv reads zeros), 0.0 where it is in an earlier one. Dense
+        multiplies rather than a sparse fix-up of the few crossing terms: index_put with accumulate is not
+        bit-reproducible on a multi-threaded CPU."""
         doc = (ids == self.config.eot_id).cumsum(dim=1)
         pos = torch.arange(start, ids.shape[1], device=ids.device)
-        back = (pos[:, None] - torch.arange(self.config.conv_kernel, device=ids.device)).clamp(min=0)
-        return (doc[:, pos, None] == doc[:, back]).to(self.tok_emb.weight.dtype)
+        back = torch.arange(self.config.conv_kernel - 1, -1, -1, device=ids.device)  # kernel - 1 - i
+        return (doc[:, pos, None] == doc[:, (pos[:, None] - back).clamp(min=0)]).to(self.tok_emb.weight.dtype)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by component. named_parameters() yields a tied weight once, as tok_emb.weight,

@@ -734,7 +734,9 @@ MODEL = [
     feed-forward, a `ShortConv` adds a weighted sum of the last $k$ inputs, channel by channel
     (`conv_kernel` = $k$ = 4):
 
-    $$y_t = h_t + \sum_{j=0}^{k-1} w_j \odot h_{t-j}$$
+    $$y_t = h_t + \sum_{i=0}^{k-1} w_i \odot h_{t-(k-1-i)}$$
+
+    ($w_{k-1}$ meets the position itself and $w_0$ the oldest one, in the order of `F.conv1d`'s taps).
 
     The weights start at zero, so a new model is a plain transformer; training decides how much of the
     neighbours to mix in. On the story world this lowered the loss (1.025 to 1.014 times the bound) and
@@ -744,12 +746,13 @@ MODEL = [
     """),
     code(r"""
     def short_conv_by_hand(conv, h):
-        # h: (batch, seq, d_model); y_t = h_t + sum_j w_j * h_(t-j), with h before position 0 taken as 0
+        # h: (batch, seq, d_model); y_t = h_t + sum_i w_i * h_(t-(k-1-i)), with h before position 0 taken as 0
+        k = conv.weight.shape[0]
         y = h.clone()
         for t in range(h.shape[1]):
-            for j in range(conv.weight.shape[0]):
-                if t - j >= 0:
-                    y[:, t] += conv.weight[j] * h[:, t - j]
+            for i in range(k):
+                if t - (k - 1 - i) >= 0:
+                    y[:, t] += conv.weight[i] * h[:, t - (k - 1 - i)]
         return y
 
 

@@ -122,13 +122,16 @@ def test_short_conv_is_a_causal_depthwise_convolution_plus_its_input():
     conv = ShortConv(8, kernel=3)
     nn.init.normal_(conv.weight)
     x = torch.randn(2, 7, 8)
-    # F.conv1d is a cross-correlation: tap i of its kernel meets x[t - (kernel - 1) + i], so weight[j]
-    # (for x[t - j]) is tap kernel - 1 - j.
-    taps = conv.weight.flip(0).T[:, None, :]  # (channels, 1, kernel)
-    ref = x + F.conv1d(F.pad(x.transpose(1, 2), (2, 0)), taps, groups=8).transpose(1, 2)
+    # F.conv1d with two zeros padded on the left: tap i meets x[t - 2 + i], as ShortConv's weight[i] does
+    ref = x + F.conv1d(F.pad(x.transpose(1, 2), (2, 0)), conv.weight.T[:, None, :], groups=8).transpose(1, 2)
     torch.testing.assert_close(conv(x), ref, atol=1e-6, rtol=0)
-    # a prefix handed over by a cache gives the same outputs as the whole sequence
-    torch.testing.assert_close(conv(x[:, 4:], prev=x[:, 2:4]), ref[:, 4:], atol=1e-6, rtol=0)
+    # a window handed over by a cache (the kernel - 1 inputs before, then the new ones) gives the same
+    # outputs as the whole sequence: for a chunk, and for one token (decoding's shortcut)
+    torch.testing.assert_close(conv(x[:, 4:], past=x[:, 2:]), ref[:, 4:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(conv(x[:, 5:6], past=x[:, 3:6]), ref[:, 5:6], atol=1e-6, rtol=0)
+    keep = torch.tensor([0.0, 1.0, 1.0]).expand(2, 1, 3)  # the input two back is in an earlier story
+    torch.testing.assert_close(conv(x[:, 5:6], keep, past=x[:, 3:6]),
+                               x[:, 5:6] + conv.weight[2] * x[:, 5:6] + conv.weight[1] * x[:, 4:5], atol=1e-6, rtol=0)
 
 
 def test_a_new_short_conv_leaves_the_model_a_plain_transformer():
