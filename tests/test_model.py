@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from microlm.model import GPT, GPTConfig, KVCache, RMSNorm, ShortConv, apply_rope, pick_device, rope_tables
 
 TINY = dict(vocab_size=50, context_length=32, d_model=32, n_layers=2, n_heads=4)
-PLAIN = dict(conv_kernel=0)  # no ShortConv: a plain transformer (TINY has the default, kernel 4)
+CONV = dict(conv_kernel=4)  # ShortConvs before attention and before the feed-forward (off by default)
 
 
 def with_random_convs(model: GPT) -> GPT:
@@ -60,7 +60,7 @@ def cached_step_by_step(model, x, prefill):
     return torch.cat(steps, dim=1)
 
 
-@pytest.mark.parametrize("extra", [{}, {"qk_norm": False}, PLAIN])
+@pytest.mark.parametrize("extra", [{}, {"qk_norm": False}, CONV])
 def test_kv_cache_logits_equal_the_full_forward_at_every_step(extra):
     # Tolerance 1e-5 in fp32: the cached path sums the same products in a different order.
     # Every step is compared, so a position offset that drifts after the prefill shows up.
@@ -102,7 +102,7 @@ def test_positions_beyond_the_context_are_refused(model):
         model(torch.zeros(1, 3, dtype=torch.long), cache)
 
 
-@pytest.mark.parametrize("extra", [{}, PLAIN])
+@pytest.mark.parametrize("extra", [{}, CONV])
 def test_documents_do_not_see_each_other_and_the_cache_agrees(extra):
     torch.manual_seed(0)
     m = with_random_convs(GPT(GPTConfig(**TINY, **extra, eot_id=0))).eval()
@@ -136,8 +136,8 @@ def test_short_conv_is_a_causal_depthwise_convolution_plus_its_input():
 
 def test_a_new_short_conv_leaves_the_model_a_plain_transformer():
     torch.manual_seed(0)
-    plain = GPT(GPTConfig(**{**TINY, **PLAIN})).eval()
-    convs = GPT(GPTConfig(**TINY)).eval()
+    plain = GPT(GPTConfig(**TINY)).eval()
+    convs = GPT(GPTConfig(**TINY, **CONV)).eval()
     missing, unexpected = convs.load_state_dict(plain.state_dict(), strict=False)
     assert all("_conv." in k for k in missing) and missing and not unexpected
     x = torch.randint(0, 50, (2, 12))
@@ -203,8 +203,8 @@ def test_param_counts_add_up_and_count_tied_weights_once():
     per_block_attn, per_block_mlp = 4 * 32 * 32, 3 * 32 * 96  # d_ff = 96 for d_model 32
     assert (counts["embedding"], counts["attention"], counts["mlp"]) == (50 * 32, 2 * per_block_attn, 2 * per_block_mlp)
     assert counts["norms"] == 2 * (2 * 32 + 2 * 8) + 32  # attn/mlp norms, q/k norms (head_dim 8), final norm
-    assert counts["conv"] == 2 * 2 * 4 * 32  # 2 blocks, 2 ShortConvs each, kernel 4, d_model 32
-    assert GPT(GPTConfig(**{**TINY, **PLAIN})).param_counts()["conv"] == 0
+    assert "conv" not in counts  # listed only when there are ShortConvs
+    assert GPT(GPTConfig(**TINY, **CONV)).param_counts()["conv"] == 2 * 2 * 4 * 32  # 2 blocks, 2 convs, k 4, d 32
     untied = GPT(GPTConfig(**TINY, tie_embeddings=False))
     assert untied.param_counts()["total"] == sum(p.numel() for p in untied.parameters())
     assert untied.param_counts()["total"] - counts["total"] == 50 * 32
@@ -214,8 +214,9 @@ def test_flops_per_token_is_6n_plus_12_l_d_t():
     for tie in (True, False):
         m = GPT(GPTConfig(**TINY, tie_embeddings=tie))
         n_matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+        assert m.flops_per_token() == 6 * n_matmul + 12 * 2 * 32 * 32
         n_conv = 2 * 2 * 4 * 32  # a ShortConv weight does one multiply-add per token, like a matmul's
-        assert m.flops_per_token() == 6 * (n_matmul + n_conv) + 12 * 2 * 32 * 32
+        assert GPT(GPTConfig(**TINY, **CONV, tie_embeddings=tie)).flops_per_token() == m.flops_per_token() + 6 * n_conv
 
 
 def test_default_d_ff_is_8_thirds_of_d_model_rounded_up_to_32():
@@ -255,7 +256,7 @@ def test_config_round_trips_and_from_dict_names_unknown_and_missing_keys():
     del d["n_heads"]
     with pytest.raises(ValueError, match="missing.*n_heads"):
         GPTConfig.from_dict(d)
-    older = cfg.to_dict()
+    older = GPTConfig(**TINY, **CONV).to_dict()
     del older["conv_kernel"]  # a model saved before ShortConv existed is a plain transformer
     assert GPTConfig.from_dict(older).conv_kernel == 0
 
@@ -291,7 +292,7 @@ def test_training_on_packed_stories_is_bit_reproducible_with_two_threads():
 
     def train_a_little():
         torch.manual_seed(0)
-        m = GPT(GPTConfig(vocab_size=50, context_length=128, d_model=64, n_layers=2, n_heads=4, eot_id=0))
+        m = GPT(GPTConfig(vocab_size=50, context_length=128, d_model=64, n_layers=2, n_heads=4, eot_id=0, **CONV))
         with_random_convs(m)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
         g = torch.Generator().manual_seed(1)
