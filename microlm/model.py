@@ -126,13 +126,14 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def rope_tables(head_dim: int, n_positions: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, n_positions: int, base: float,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (n_positions, head_dim): channel pair (i, i + head_dim/2) turns at base^(-2i/head_dim)
-    radians per position (Su et al. 2021, 'RoFormer'). Angles are computed in float64, then stored as fp32."""
+    radians per position (Su et al. 2021, 'RoFormer'). Angles are computed in float64, then stored as `dtype`."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -361,6 +362,10 @@ class GPT(nn.Module):
                 keep = self.conv_keep(ids, start)
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(idx)
+        if x.dtype == torch.float64:  # a float64 check: the buffers hold fp32 values, with which a score would
+            # depend on absolute positions at the 1e-9 level (packed vs single rows); exact tables keep it relative
+            c = self.config
+            cos, sin = (t[start:end].to(x.device) for t in rope_tables(c.head_dim, end, c.rope_base, torch.float64))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, mask, keep)
         if cache is not None:

@@ -86,8 +86,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose target is not IGNORE. logits: (B, T, V), targets: (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    """Mean cross-entropy over positions whose target is not IGNORE. logits: (B, T, V), targets: (B, T).
+    Half-precision logits are taken in fp32; float64 stays float64 (the exactness checks need it)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:

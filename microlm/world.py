@@ -38,12 +38,12 @@ NEWLINE = "\n"  # ends every story; the stop choice writes it, so it counts as a
 class World:
     """The vocabulary and the dynamics of the story world. The defaults are the corpus world."""
 
-    female_names: tuple[str, ...] = ("Ann", "Mia", "Eva", "Lily", "Rose", "Kate", "Zoe", "Ivy")
-    male_names: tuple[str, ...] = ("Tom", "Sam", "Ben", "Max", "Leo", "Jack", "Noah", "Finn")
+    female_names: tuple[str, ...] = ("Ann", "Eva", "Mia")
+    male_names: tuple[str, ...] = ("Ben", "Sam", "Tom")
     colours: tuple[str, ...] = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown")
-    kinds: tuple[str, ...] = ("ball", "cup", "book", "hat", "kite", "box", "key", "doll")
+    kinds: tuple[str, ...] = ("ball", "cup", "key")  # as many as the cast: every story has all three
     cast_size: int = 3  # people per story; each starts with one object of a distinct kind
-    stop_prob: float = 0.25  # after each event, the story ends with this probability ...
+    stop_prob: float = 0.35  # after each event, the story ends with this probability ...
     max_events: int = 20  # ... and always after this many events (keeps stories inside the context)
     pronouns: bool = True  # a move by the last person named says "She"/"He" instead of the name
 

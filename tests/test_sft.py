@@ -13,7 +13,7 @@ from microlm.tokenizer import EOT, Tokenizer, train_bpe
 from microlm.train import masked_loss
 from microlm.world import World, generate_splits, parse
 
-STORY = ("Ann has a red ball, Mia has a blue cup and Tom has a pink hat, each at home. The ball passes from Ann "
+STORY = ("Ann has a red ball, Mia has a blue cup and Tom has a pink key, each at home. The ball passes from Ann "
          "to Tom. He leaves Tom's house for Mia's house. The cup passes from Mia to Tom. The ball passes from Tom to Mia.")
 
 
@@ -79,7 +79,8 @@ def test_packed_examples_train_on_the_same_answers_with_the_same_loss(tok):
                           eot_id=tok.eot_id)).double()
     loss_packed = masked_loss(model(packed.inputs), packed.targets).item()
     loss_single = masked_loss(model(single.inputs), single.targets).item()
-    assert loss_packed == pytest.approx(loss_single, rel=1e-9)
+    # float64 all the way (the loss too, and RoPE tables computed in float64): equal to rounding
+    assert loss_packed == pytest.approx(loss_single, rel=1e-12)
 
 
 def test_packing_fills_a_row_exactly_to_the_context():
@@ -106,3 +107,15 @@ def test_bad_jsonl_lines_are_named(tmp_path, line, message):
     path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + line + "\n")
     with pytest.raises(SFTDataError, match="my.jsonl, " + message.replace("(", r"\(").replace(")", r"\)")):
         read_sft_jsonl(path)
+
+
+def test_masked_loss_keeps_float64_and_upcasts_half_precision():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 5, 7, dtype=torch.float64, generator=g), torch.randint(0, 7, (2, 5), generator=g)
+    targets[0, :2] = IGNORE
+    loss = masked_loss(logits, targets)
+    assert loss.dtype == torch.float64
+    assert masked_loss(logits.bfloat16(), targets).dtype == torch.float32
+    keep = targets != IGNORE
+    by_hand = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-14)

@@ -55,7 +55,7 @@ def test_scorer_rejects_texts_that_break_grammar_or_state(edit):
 
 def test_every_event_must_restate_the_state_it_changes():
     world = World()
-    intro = "Ann has a red ball, Mia has a pink cup and Tom has a blue hat, each at home."
+    intro = "Ann has a red ball, Mia has a pink cup and Tom has a blue key, each at home."
     assert is_valid(world, intro + " The ball passes from Ann to Tom.")
     assert is_valid(world, intro + " Tom leaves Tom's house for Mia's house.")
     assert is_valid(world, intro + " Tom leaves Tom's house for Mia's house. Ann leaves Ann's house for Tom's house.")
@@ -74,16 +74,16 @@ def test_every_event_must_restate_the_state_it_changes():
     assert is_valid(world, intro + " The cup passes from Mia to Ann. She leaves Ann's house for Tom's house.")
     assert not is_valid(world, intro + " The cup passes from Mia to Ann. Ann leaves Ann's house for Tom's house.")
     with pytest.raises(InvalidStory, match="char"):
-        parse(world, intro + " The hat passes from Ann to Mia.")
+        parse(world, intro + " The hat passes from Ann to Mia.")  # no hat in the story
 
 
 def test_the_cast_and_their_objects_are_introduced_in_alphabetical_order():
     world = World()
-    assert is_valid(world, "Ann has a red ball, Mia has a blue cup and Tom has a pink hat, each at home. "
+    assert is_valid(world, "Ann has a red ball, Mia has a blue cup and Tom has a pink key, each at home. "
                            "Mia leaves Mia's house for Ann's house.")
-    assert not is_valid(world, "Tom has a red ball, Ann has a blue cup and Mia has a pink hat, each at home. "
+    assert not is_valid(world, "Tom has a red ball, Ann has a blue cup and Mia has a pink key, each at home. "
                                "Mia leaves Mia's house for Ann's house.")
-    assert not is_valid(world, "Ann has a red hat, Mia has a blue cup and Tom has a pink ball, each at home. "
+    assert not is_valid(world, "Ann has a red cup, Mia has a blue ball and Tom has a pink key, each at home. "
                                "Mia leaves Mia's house for Ann's house.")
     rng = random.Random(3)
     for _ in range(50):
