@@ -362,8 +362,8 @@ class GPT(nn.Module):
                 keep = self.conv_keep(ids, start)
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(idx)
-        if x.dtype == torch.float64:  # a float64 check: the buffers hold fp32 values, with which a score would
-            # depend on absolute positions at the 1e-9 level (packed vs single rows); exact tables keep it relative
+        if x.dtype == torch.float64:  # a float64 check: the buffers hold fp32 values, whose rounding would make
+            # a score depend on absolute positions (a packed story vs the same story alone); exact tables do not
             c = self.config
             cos, sin = (t[start:end].to(x.device) for t in rope_tables(c.head_dim, end, c.rope_base, torch.float64))
         for i, block in enumerate(self.blocks):

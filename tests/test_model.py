@@ -117,7 +117,6 @@ def test_documents_do_not_see_each_other_and_the_cache_agrees(extra):
     torch.testing.assert_close(torch.cat([m(x[:, :5], cache), m(x[:, 5:], cache)], 1), m(x), atol=1e-5, rtol=0)
 
 
-
 def test_float64_story_gives_the_same_logits_wherever_it_starts():
     """RoPE makes attention depend on distances only; in float64 the tables are computed in float64,
     so a story packed after another one gets its logits alone to rounding. (With the fp32 tables, as
@@ -131,6 +130,7 @@ def test_float64_story_gives_the_same_logits_wherever_it_starts():
     alone = m(story)
     packed = m(torch.cat([torch.randint(1, 50, (1, 17)), story], 1))[:, 17:]
     torch.testing.assert_close(packed, alone, atol=1e-12, rtol=0)
+
 
 def test_short_conv_is_a_causal_depthwise_convolution_plus_its_input():
     torch.manual_seed(0)
