@@ -45,7 +45,7 @@ class World:
     cast_size: int = 3  # people per story; each starts with one object of a distinct kind
     stop_prob: float = 0.35  # after each event, the story ends with this probability ...
     max_events: int = 20  # ... and always after this many events (keeps stories inside the context)
-    pronouns: bool = True  # a move by the last person named says "She"/"He" instead of the name
+    pronouns: bool = False  # True: a move by the last person named says "She"/"He" instead of the name
 
     def __post_init__(self):
         words = self.female_names + self.male_names + self.colours + self.kinds

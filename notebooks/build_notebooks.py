@@ -1119,7 +1119,7 @@ PRETRAINING = [
     To restate where Tom is, the model has to find the word where his last move put him (`... for
     Ann's house`) among every other destination in the story. Attention finds positions by what is
     written *at* them: so at `Ann` the model must have written "Tom moved here", taken from the sentence's
-    first word (or from whoever `He` is). Likewise, to restate who holds the cup, it must have written "the cup" at
+    first word (or, in a world with pronouns, from whoever `He` is). Likewise, to restate who holds the cup, it must have written "the cup" at
     the receiver of the cup's last pass.
 
     A **linear probe** checks whether it did. `key_probes` collects the residual stream after each block
