@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         ft.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
         ft.add_argument("--targets", default=",".join(LoRAConfig().targets),
                         help="comma-separated names of the linear layers to adapt (default: %(default)s)")
-        ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-3 for LoRA, "
+        ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 7e-3 for LoRA, "
                                                                "1e-3 for --full)")
         add_dataclass_flags(ft, TrainConfig, skip=("lr",), defaults=finetune_defaults(full=False))
         ft.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")

@@ -739,7 +739,7 @@ MODEL = [
     ($w_{k-1}$ meets the position itself and $w_0$ the oldest one, in the order of `F.conv1d`'s taps).
 
     The weights start at zero, so a new model is a plain transformer; training decides how much of the
-    neighbours to mix in. On the previous version's story world (16 names, 8 object kinds), with $k = 4$,
+    neighbours to mix in. On an earlier version's story world (16 names, 8 object kinds), with $k = 4$,
     the holder look-up past an earlier event went from 87% to 98% or more, but the share of valid
     stories rose only within the spread between runs, so it is off by default (`conv_kernel = 0`, the model above; the README has the runs). Inputs
     before the start of a story count as zero, as the document mask asks: packed stories still cannot
@@ -1835,8 +1835,8 @@ FINETUNE = [
       the adapter's cost at inference.
     * How close LoRA comes to full fine-tuning depends on the task, the base and the budget. Fine-tuning
       mostly teaches the format and reuses what the base already computes: on this base, which tracks
-      the world well, both answer 95% or more of every kind of question; on the previous version's
-      base, which placed a moved person right only 82% of the time, both did worst on where a person
+      the world well, both answer 95% or more of every kind of question; on an earlier version's
+      base (sixteen names), which placed a moved person right only 82% of the time, both did worst on where a person
       is. LoRA needed more steps than full fine-tuning to catch up, and a rank above 8 did not help.
       `make lora-finetune` measures this with a rank sweep; the README reports the numbers.
     """),
