@@ -270,10 +270,10 @@ _EVENT = re.compile(r"(?P<mover>\w+) leaves (?P<place>\w+)'s house for (?P<to>\w
 
 def _events(world: World, text: str):
     """For each event of a valid story: (its regex match, "place" or "holder", the key whose fact it
-    changes: the person who moves, `She`/`He` resolved, or the kind of the object that passes)."""
+    changes: the person who moves, any `She`/`He` resolved, or the kind of the object that passes)."""
     parse(world, text)  # refuses a text that is not a story
     intro_end = text.index(". ") + 2 if ". " in text else len(text)
-    focus = None  # the person the last event ended on: who `She`/`He` is
+    focus = None  # the person the last event ended on: who `She`/`He` is, with pronouns
     for m in _EVENT.finditer(text, intro_end):
         if m["mover"]:
             focus = focus if m["mover"] in ("She", "He") else m["mover"]

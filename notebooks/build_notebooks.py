@@ -1631,7 +1631,7 @@ FINETUNE = [
     The base model scores zero: it has never seen the question format and simply continues the text
     with more story. After fine-tuning, accuracy differs by kind of question. Each kind needs a
     different look-up in the story: the current holder of an object needs every transfer since the
-    start; where a person is needs their last move, however the story refers to them; what one person
+    start; where a person is needs their last move; what one person
     gave another needs a particular event and the object's colour from the first sentence.
     """),
     code(r"""
@@ -1835,7 +1835,7 @@ FINETUNE = [
       the adapter's cost at inference.
     * How close LoRA comes to full fine-tuning depends on the task, the base and the budget. Fine-tuning
       mostly teaches the format and reuses what the base already computes: on this base, which tracks
-      the world well, both answer 95% or more of every kind of question; on an earlier version's
+      the world well, both answer 90% or more of every kind of question; on an earlier version's
       base (sixteen names), which placed a moved person right only 82% of the time, both did worst on where a person
       is. LoRA needed more steps than full fine-tuning to catch up, and a rank above 8 did not help.
       `make lora-finetune` measures this with a rank sweep; the README reports the numbers.

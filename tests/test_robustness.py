@@ -279,7 +279,7 @@ def test_a_fine_tune_is_never_mixed_with_another_nor_resumed_with_other_settings
     assert main(["lora-finetune", *flags]) == 2
     assert "already holds a run; pass --resume to continue it, --overwrite to replace it" in one_clear_line(capsys)
     assert main(["lora-finetune", *flags, "--resume", "--r", "4", "--lr", "0.1"]) == 2
-    assert "was trained with other settings: --r 2 (now 4), --lr 0.005 (now 0.1)" in one_clear_line(capsys)
+    assert "was trained with other settings: --r 2 (now 4), --lr 0.007 (now 0.1)" in one_clear_line(capsys)
     assert main(["lora-finetune", *flags, "--resume"]) == 0  # finished already: nothing to train, same adapter
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
