@@ -45,11 +45,11 @@ class LoRAConfig:
 def finetune_defaults(full: bool) -> TrainConfig:
     """The fine-tuning budget: the same steps and batch for LoRA and full fine-tuning. Each gets the
     learning rate that suits it: the adapter starts at zero and needs a larger step than weights that
-    are already trained (LoRA at 5e-3 learned `who_has` on only some seeds, at 2e-2 it reached 64% on the one seed
-    tried; 7e-3 is the README's choice). 1,000 steps of 16 draw 16,000 questions from 24,000, so about one in seven
-    comes twice or more: in the sixteen-name world, with 400 steps on 8,000 questions full fine-tuning reached 81% and LoRA 72%,
-    with 1,000 on 8,000 86% and 84%, full fine-tuning's training loss far below its held-out loss
-    (see the README)."""
+    are already trained (LoRA at 5e-3 learned `who_has` on only some seeds, at 2e-2 it reached 64% on
+    the one seed tried; 7e-3 is the README's choice). 1,000 steps of 16 draw 16,000 questions from
+    24,000, so about one in seven comes twice or more: in the sixteen-name world, with 400 steps on
+    8,000 questions full fine-tuning reached 81% and LoRA 72%, with 1,000 on 8,000 86% and 84%, full
+    fine-tuning's training loss far below its held-out loss (see the README)."""
     return TrainConfig(max_steps=1000, batch_size=16, lr=1e-3 if full else 7e-3, warmup_steps=30, weight_decay=0.0,
                        eval_every=200, checkpoint_every=200)
 
