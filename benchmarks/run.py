@@ -37,6 +37,7 @@ from bench_tokenizer import bench_tokenizer, story_bpe, story_corpus
 from bench_training import bench_training
 from microlm.checkpoint import save_json, save_text
 from microlm.cli import STORY_SPLITS
+from microlm.malloc import keep_freed_memory
 from microlm.model import GPTConfig
 from microlm.tokenizer import Tokenizer
 from microlm.train import TrainConfig
@@ -104,11 +105,13 @@ def main(argv=None) -> int:
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
+    tuned = keep_freed_memory()  # as `microlm` does: each contender's steps reuse memory instead of page-faulting
     settings = QUICK if args.quick else FULL
     settings = dataclasses.replace(settings, repeats=args.repeats or settings.repeats,
                                    compile=settings.compile and not args.no_compile)
 
-    res = {"machine": machine(), "settings": {"quick": args.quick, **dataclasses.asdict(settings)}}
+    res = {"machine": machine() | {"keep_freed_memory": tuned},
+           "settings": {"quick": args.quick, **dataclasses.asdict(settings)}}
     m = res["machine"]
     print(f"bench   {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, threads: {m['torch_threads']}, "
           f"load average {m['load_average_1m']:.2f}{'; --quick: tiny sizes' if args.quick else ''}", flush=True)

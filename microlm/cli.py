@@ -27,6 +27,7 @@ from .checkpoint import CheckpointError, changed_settings, load_json, save_json,
 from .data import (CorpusError, build_story_corpus, document_rows, encode_documents, read_corpus, read_stories,
                    split_text_corpus, stream_rows, window_batch)
 from .finetune import SFT_SPLITS, LoRAConfig, finetune_defaults
+from .malloc import keep_freed_memory
 from .model import GPT, GPTConfig, pick_device
 from .runs import (UsageError, check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file,
                    sha256_text)
@@ -474,6 +475,7 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # a training step then reuses the last step's memory instead of page-faulting anew
     # Ctrl-C and `kill` both save a checkpoint and exit (a shell starts background jobs with SIGINT
     # ignored, so restore it explicitly).
     if threading.current_thread() is threading.main_thread():
