@@ -99,75 +99,50 @@ class RMSNorm(nn.Module):
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if torch.is_grad_enabled():  # training: the same formula with a hand-written, leaner backward
             return _RMSNormFunction.apply(xf, self.weight.to(xf.dtype), self.eps).type_as(x)
-        # inference: the plain formula, which F.rms_norm runs in C++ (less overhead per decoding step)
+        # inference: the same formula, which F.rms_norm runs in C++ (less overhead per decoding step)
         return F.rms_norm(xf, (xf.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with its backward written out. Autograd would record five element-wise ops and keep
-    their inputs; this keeps x and 1 / rms(x) only and makes fewer passes over memory: about 1.6x
-    faster on CPU, which has no fused RMSNorm kernel. With g the gradient of the output:
-        dL/dweight = sum over rows of g * x_hat,                 x_hat = x / rms(x)
+    their inputs; this keeps x_hat = x / rms(x) and 1 / rms(x) only, and runs about 1.3x faster on CPU.
+    With n = x.shape[-1] and g the gradient of the output:
+        dL/dweight = sum over rows of g * x_hat
         dL/dx      = (g*w - x_hat * mean(g*w * x_hat)) / rms(x)   (the rms depends on every x_i)
     tests/test_model.py checks both against autograd on the plain formula."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        # rms(x) = |x| / sqrt(n): one reduction over x instead of squaring it into a new tensor
-        inv_rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5).square_()
-        inv_rms = inv_rms.add_(eps).rsqrt_()
-        ctx.save_for_backward(x, inv_rms, weight)
-        return (x * inv_rms).mul_(weight)
+        inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        x_hat = x * inv_rms
+        ctx.save_for_backward(x_hat, inv_rms, weight)
+        return x_hat * weight
 
     @staticmethod
     def backward(ctx, grad):
-        x, inv_rms, weight = ctx.saved_tensors
-        x_hat, gw = x * inv_rms, grad * weight
-        minus_mean = (gw * x_hat).sum(-1, keepdim=True).div_(-x.shape[-1])
-        grad_x = torch.addcmul(gw, x_hat, minus_mean).mul_(inv_rms)
-        grad_weight = (grad * x_hat).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        x_hat, inv_rms, weight = ctx.saved_tensors
+        gw = grad * weight
+        grad_x = inv_rms * (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True))
+        grad_weight = (grad * x_hat).reshape(-1, x_hat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_weight, None
 
 
 def rope_tables(head_dim: int, n_positions: int, base: float,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (n_positions, head_dim): channel pair (i, i + head_dim/2) turns at base^(-2i/head_dim)
-    radians per position (Su et al. 2021, 'RoFormer'). sin carries the rotation's sign: its first half is
-    negated (see apply_rope). Angles are computed in float64, then stored as `dtype`."""
+    radians per position (Su et al. 2021, 'RoFormer'). Angles are computed in float64, then stored as `dtype`."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
-    return torch.cat([angles, angles], dim=-1).cos().to(dtype), torch.cat([-angles, angles], dim=-1).sin().to(dtype)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., seq, head_dim) by position; cos, sin from rope_tables for those positions, (seq, head_dim)
-    or broadcastable to x. Channel pair (a, b) = (i, i + head_dim/2) at angle θ becomes
-    (a cos θ - b sin θ, b cos θ + a sin θ) = x * cos + swap_halves(x) * sin, with the minus sign stored in the
-    table. So the dot product q.k depends only on the distance between their positions."""
-    if torch.is_grad_enabled():
-        return _RotateFunction.apply(x, cos, sin)
-    return torch.addcmul(x * cos, _swap_halves(x), sin)  # the same sum, without the autograd bookkeeping
-
-
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """Rotate x: (batch, heads, seq, head_dim) by position; cos/sin: (seq, head_dim) for those positions.
+    'Rotate half' pairs channel i with i + head_dim/2, so the dot product q.k depends only on their distance."""
     half = x.shape[-1] // 2
-    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
-
-
-class _RotateFunction(torch.autograd.Function):
-    """apply_rope with its backward written out. A rotation's gradient is the rotation back, by -θ:
-    grad * cos + swap_halves(grad) * -sin. Autograd would slice, concatenate and add its way there;
-    this is two element-wise passes and keeps no tensor but the tables."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return torch.addcmul(x * cos, _swap_halves(x), sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return torch.addcmul(grad * cos, _swap_halves(grad), sin, value=-1), None, None
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class KVCache:
@@ -243,12 +218,10 @@ class CausalSelfAttention(nn.Module):
         """x: (batch, seq, d_model); cos/sin: (seq, head_dim) for the positions of x; mask: None (causal)
         or a boolean (batch, 1, seq, cached + seq) that is True where a query may see a key."""
         b, t, d = x.shape
-        # (batch, seq, d) -> (batch, seq, heads, head_dim): QK-norm and RoPE work on these contiguous
-        # tensors (cos and sin broadcast over the heads), then SDPA gets (batch, heads, seq, head_dim) views.
-        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = cos[:, None], sin[:, None]
+        # (batch, seq, d) -> (batch, heads, seq, head_dim)
+        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         offset = 0
         if cache is not None:
             offset = cache.length
