@@ -4,11 +4,11 @@ PyTorch's CPU tensors come from the C library's malloc. glibc serves big blocks 
 from the kernel and returns memory at the top of its heap whenever enough of it is free. A training
 step allocates and frees the same few-MB activations every step, so it keeps getting fresh pages,
 and each 4 KiB page costs a page fault and zero-filling on first touch: at the default config a
-training step of microlm's GPT took 4,700 to 12,200 page faults (the GPT-2-style baseline in
+training step of microlm's GPT took 8,500 to 11,800 page faults (the GPT-2-style baseline in
 benchmarks/, whose allocations happen to suit glibc's heuristics: none). Two settings stop the churn:
 blocks under 32 MiB come from the heap, and the heap is not trimmed, so a step reuses the last step's
-pages: 1 or 2 faults a step, and a step 1% to 3% faster (README, Benchmarks). Peak memory stays the
-same (the peak is reached either way); what changes is that it is not returned until the process ends.
+pages: 1 or 2 faults a step, and a step about 3% faster (README, Benchmarks). The peak is reached
+either way, so peak memory barely changes; what changes is that it is not returned until the process ends.
 """
 
 from __future__ import annotations
