@@ -6,8 +6,10 @@ vocab_size requested). Encoding compares three ways to the same ids:
 
   tiktoken        Tokenizer.encode_ordinary: tiktoken's Rust BPE on one thread, the whole text at once
   python          tokenizer.encode_python: the same merges in plain Python (the teaching version)
-  tiktoken_batch  Tokenizer.encode_batch: one call per story on tiktoken's threads, as
+  per_story       Tokenizer.encode_batch: one encode_ordinary call per story, one after another, as
                   microlm.data.encode_documents encodes the corpus
+  threads         tiktoken's encode_ordinary_batch: the same calls spread over a pool of threads,
+                  whose overhead per text outweighs the work of a short story
 
 The story corpus is an easy case for plain Python: its BPE stops once every word is a token, so
 encode_python never merges (a whole word that is a token is taken as it is, as tiktoken does too). So
@@ -61,9 +63,11 @@ def bench_tokenizer(stories: list[str], bpe: BPEResult, repeats: int, encode_cha
     print(f"  tokenizer  encoding {mb:.2f} MB: tiktoken vs plain Python", flush=True)
     t = side_by_side({"tiktoken": lambda: tokenizer.encode_ordinary(text),
                       "python": lambda: encode_python(text, bpe.mergeable_ranks, bpe.pattern),
-                      "tiktoken_batch": lambda: tokenizer.encode_batch(docs)}, repeats)
+                      "per_story": lambda: tokenizer.encode_batch(docs),
+                      "threads": lambda: tokenizer.encoding.encode_ordinary_batch(docs)}, repeats)
     ids = tokenizer.encode_ordinary(text)
     identical = ids == encode_python(text, bpe.mergeable_ranks, bpe.pattern)
+    identical &= tokenizer.encode_batch(docs) == tokenizer.encoding.encode_ordinary_batch(docs)
     ratio = t["python"]["median_s"] / t["tiktoken"]["median_s"]
 
     root = Path(__file__).resolve().parent.parent

@@ -110,6 +110,13 @@ def test_tiktoken_and_plain_python_encoders_agree(tok):
     assert len(ids) < 0.75 * len(text.encode())  # merges were used, so agreeing is not trivial
 
 
+def test_encode_batch_encodes_each_text_as_plain_text(tok):
+    texts = [TEXT[:200], "", "a <|endoftext|> look-alike stays text", TEXT[::-1][:300]]
+    assert tok.encode_batch(texts) == [tok.encode_ordinary(t) for t in texts]
+    assert tok.encode_batch(texts) == tok.encoding.encode_ordinary_batch(texts)  # tiktoken's threaded version
+    assert tok.eot_id not in tok.encode_batch(texts)[2]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text())
 def test_plain_text_round_trips(tok, s):
