@@ -57,8 +57,9 @@ class LoRALinear(nn.Module):
         a = self.lora_A(self.dropout(x))  # (..., r)
         # y + scaling * B a in one call: addmm scales the small product inside the matmul and adds it to y
         # there, instead of two more passes over the (..., d_out) activations, forward and backward.
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.r), self.lora_B.weight.t(), alpha=self.scaling)
-        return out.view(y.shape)
+        rows = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.r), self.lora_B.weight.t(),
+                           alpha=self.scaling)
+        return rows.view(y.shape)
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """scaling * B @ A, (d_out, d_in), computed in `dtype` (default: fp32, or float64 if the weights are)."""

@@ -48,6 +48,18 @@ def test_forward_is_w_x_plus_scaled_b_a_x():
     x = torch.randn(5, 8)
     manual = x @ layer.base.weight.T + 3.0 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     torch.testing.assert_close(layer(x), manual, atol=1e-6, rtol=0)
+    # (batch, seq, d_in) with a bias, and the gradients of A and B, in float64: within 1e-12
+    layer = LoRALinear(torch.nn.Linear(8, 6).double(), r=2, alpha=6)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    manual = layer.base(x) + 3.0 * (x @ a.T @ b.T)
+    grad = torch.randn(manual.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(manual, (a, b), grad)
+    out = layer(x)
+    torch.testing.assert_close(out, manual, atol=1e-12, rtol=0)
+    for got, want in zip(torch.autograd.grad(out, (a, b), grad), expected):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     assert LoRALinear(torch.nn.Linear(8, 6), r=4, alpha=8, use_rslora=True).scaling == pytest.approx(4.0)
 
 
