@@ -4,6 +4,7 @@ import collections
 import json
 
 import pytest
+import regex
 import tiktoken.load
 from hypothesis import given, settings, strategies as st
 
@@ -51,6 +52,20 @@ def train_naively(text, n_merges):
             new_words[tuple(out)] += f
         words = new_words
     return learned
+
+
+@pytest.mark.parametrize("text, words", [
+    ("Tom's cat, 12345 naps.\n\nThe end", ["Tom", "'s", " cat", ",", " ", "123", "45", " naps", ".\n\n", "The", " end"]),
+    ("  x", ["  ", "x"]),  # a run of spaces is a word of its own (GPT-4's look-ahead would give " ", " x")
+    ("a \n\tb  ", ["a", " \n", "\tb", "  "]),
+])
+def test_split_pattern_words(text, words):
+    assert regex.findall(SPLIT_PATTERN, text) == words
+
+
+def test_split_pattern_needs_no_backtracking_engine():
+    """No look-around or possessive quantifier: tiktoken then runs it on Rust's fast `regex` engine."""
+    assert not regex.search(r"\(\?<?[=!]|[+*?]\+|\{\d+(,\d*)?\}\+", SPLIT_PATTERN)
 
 
 def test_classic_example_pins_the_first_merges():
