@@ -275,9 +275,10 @@ TOKENIZER = [
     training text and adds their concatenation to the vocabulary as a new token, again and again. Two
     details make it practical:
 
-    * **Pre-tokenization.** The text is first cut into words by a regular expression (microlm uses the
-      GPT-4 pattern, in which a word usually carries the space before it). Merges never cross a word
-      boundary, so all the algorithm needs is the list of distinct words and how often each occurs.
+    * **Pre-tokenization.** The text is first cut into words by a regular expression (microlm uses
+      GPT-4's pattern without its look-ahead; a word usually carries the space before it). Merges never
+      cross a word boundary, so all the algorithm needs is the list of distinct words and how often each
+      occurs.
     * **Special tokens** such as `<|endoftext|>`, which separates documents, are cut out before
       counting, so no merge can swallow one.
 
