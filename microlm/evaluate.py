@@ -217,7 +217,7 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as generate
 def decode(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     """Greedy decoding's work with the tokens fixed: prefill `prompt` (1, t0) into a KV cache, then feed
     `tokens` one at a time, taking the argmax of every step's logits as greedy decoding does. Returns
@@ -230,7 +230,7 @@ def decode(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     return torch.cat(picks)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as generate
 def per_token_latency(models: dict, prompt: torch.Tensor, n_tokens: int = 64, repeats: int = 7) -> dict:
     """Seconds per generated token (batch 1, KV cache, greedy) for each model, measured side by side:
     the models take turns in every repeat, each repeat starting with the next model, so drifts of the
