@@ -67,7 +67,8 @@ def generation_rows(gen: dict) -> list[tuple]:
                      f"{g['speedup']:.1f}x", _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
     b = gen["batched"]
     tokens = b["new_tokens"] * b["batch_size"]
-    rows.append((f"generation, {b['new_tokens']} new tokens, batch {b['batch_size']}: KV cache vs recomputing",
+    rows.append((f"generation, {b['new_tokens']} new tokens, batch {b['batch_size']}: KV cache vs recomputing "
+                 f"({b['time']['recompute']['n']} repeats)",
                  f"{_rate(tokens, b['time']['kv_cache'], 'tok/s')} vs {_rate(tokens, b['time']['recompute'], 'tok/s')}",
                  f"{b['speedup']:.1f}x", _mark(gen["targets"]["kv_cache_speedup_longest_batched"])))
     return rows
