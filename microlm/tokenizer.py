@@ -36,10 +36,10 @@ EOT = "<|endoftext|>"
 # numbers of 1-3 digits, punctuation runs, whitespace up to a newline, other whitespace runs. Merges
 # never cross these word boundaries. It is GPT-4's (cl100k) pattern less its look-ahead `\s+(?!\S)`
 # and possessive quantifiers: without them tiktoken runs it on Rust's fast `regex` engine instead of
-# fancy-regex's backtracking one, 2.5x faster on the stories (make bench). What it gives up: a run of
-# spaces before a word is a word of its own ("  x" -> "  ", "x"), where GPT-4 leaves the last space
-# to the word ("  x" -> " ", " x"). On the default stories and SFT set both patterns give the same
-# tokens (checked when the pattern changed). tiktoken's Rust regex reads the same string.
+# fancy-regex's backtracking one, 2.5x faster on the stories (README: Benchmarks). What it gives up:
+# a run of spaces before a word is a word of its own ("  x" -> "  ", "x"), where GPT-4 leaves the
+# last space to the word ("  x" -> " ", " x"). On the default stories and SFT set both patterns give
+# the same tokens (checked when the pattern changed). tiktoken's Rust regex reads the same string.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+"""
 
 
