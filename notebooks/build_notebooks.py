@@ -395,6 +395,59 @@ TOKENIZER = [
     print("round trips hold; <|endoftext|> as plain text takes", len(tok.encode_ordinary(EOT)), "tokens")
     """),
     md(r"""
+    ## Why tiktoken: the same merges, timed
+
+    `encode_python` and tiktoken give the same ids, so the only difference is speed. Two parts of
+    encoding take time: cutting the text into words with the split pattern, and merging each word's
+    bytes. On the stories every word is already one token (both encoders take such a word whole), so
+    only the split is left; on English prose, here this repository's README, most words are merged up
+    from bytes, and the merge loop counts.
+
+    The split pattern matters to tiktoken too. GPT-4's pattern has a look-ahead (`\s+(?!\S)`: leave
+    the last space of a run to the next word) and possessive quantifiers, which Rust's linear-time
+    `regex` engine cannot run, so tiktoken runs such a pattern on a slower backtracking engine.
+    microlm's pattern drops them (a run of spaces before a word becomes a word of its own) and on the
+    stories gives the same tokens. The cell times all three on one thread, medians of five runs:
+    """),
+    code(r"""
+    import statistics
+    import time
+
+    import tiktoken
+
+
+    def megabytes_per_second(encode, text, repeats=5):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encode(text)
+            times.append(time.perf_counter() - start)
+        return len(text.encode("utf-8")) / 1e6 / statistics.median(times)
+
+
+    GPT4_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"
+                    r" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s")
+    gpt4_split = tiktoken.Encoding(name="gpt4-split", pat_str=GPT4_PATTERN, mergeable_ranks=bpe.mergeable_ranks,
+                                   special_tokens=bpe.special_tokens)
+    stories = "\n".join(val_texts)
+    prose = Path("README.md").read_text(encoding="utf-8")
+    assert gpt4_split.encode_ordinary(stories) == tok.encode_ordinary(stories)  # same tokens on the stories
+    assert encode_python(prose, bpe.mergeable_ranks) == tok.encode_ordinary(prose)
+    for name, text in (("validation stories", stories), ("README prose", prose)):
+        python = megabytes_per_second(lambda t: encode_python(t, bpe.mergeable_ranks), text)
+        rust = megabytes_per_second(tok.encode_ordinary, text)
+        rust_gpt4 = megabytes_per_second(gpt4_split.encode_ordinary, text)
+        print(f"{name:18s} ({len(text) / 1e6:.2f} MB): plain Python {python:5.1f} MB/s, tiktoken {rust:5.1f} MB/s "
+              f"({rust / python:.0f}x), tiktoken with GPT-4's pattern {rust_gpt4:5.1f} MB/s")
+    """),
+    md(r"""
+    Both encoders spend most of their time on the stories in the split, so Rust wins there by less
+    than on prose, where Python also runs its merge loop word by word. The GPT-4 pattern costs tiktoken
+    a large part of its speed for no change in the tokens of this corpus. (On a busy machine single
+    timings wander; `make bench` measures these figures side by side with their spread: README,
+    Benchmarks.)
+    """),
+    md(r"""
     ## Vocabulary size against compression
 
     A larger vocabulary writes each story in fewer tokens: sequences get shorter, attention gets
