@@ -99,8 +99,9 @@ class RMSNorm(nn.Module):
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if torch.is_grad_enabled():  # training: the same formula with a hand-written, leaner backward
             return _RMSNormFunction.apply(xf, self.weight.to(xf.dtype), self.eps).type_as(x)
-        # inference: the same formula, which F.rms_norm runs in C++ (less overhead per decoding step)
-        return F.rms_norm(xf, (xf.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        # inference: the formula as written. (F.rms_norm gives the same bits but, on CPU in torch 2.13, runs
+        # these very ops and more: a decoding step took 1.05x to 1.10x as long with it.)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class _RMSNormFunction(torch.autograd.Function):
