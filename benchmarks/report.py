@@ -146,3 +146,25 @@ def to_markdown(res: dict) -> str:
             continue
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows_of(res[name])]
     return "\n".join(lines) + "\n"
+
+
+# The README's table is results/bench.md itself, between these two lines; `make bench` rewrites it.
+README_START = "<!-- bench table: written by `make bench` from results/bench.md; edit the code, not the table -->"
+README_END = "<!-- end of bench table -->"
+
+
+def readme_with_table(readme: str, table: str, where: str = "README.md") -> str:
+    """`readme` with the text between README_START and README_END replaced by `table`. Raises
+    ValueError, naming `where`, unless each marker is there exactly once, the start before the end."""
+    before, *after = readme.split(README_START)
+    if len(after) != 1 or README_END in before or after[0].count(README_END) != 1:
+        raise ValueError(f"{where}: the benchmark table must sit between one line {README_START!r} and, after "
+                         f"it, one line {README_END!r}; put them back, or run with --no-readme")
+    tail = after[0].split(README_END, 1)[1]
+    # a blank line before the end marker, so no renderer reads the marker as one more table row
+    return f"{before}{README_START}\n{table.strip(chr(10))}\n\n{README_END}{tail}"
+
+
+def table_in_readme(readme: str) -> str:
+    """The table readme_with_table put between the markers, for checking it."""
+    return readme.split(README_START + "\n", 1)[1].split(README_END, 1)[0].strip("\n") + "\n"

@@ -15,7 +15,9 @@ One module per section, in the order of the story (corpus -> tokenizer -> model 
 timing.py says how: contenders take turns in one process, warm-up first, median of repeats with
 min and max. Targets from the issue are marked met or not; a benchmark never fails on a number. It
 exits non-zero only when a section crashes or tiktoken and plain Python disagree on the ids.
-Output: --out (JSON, written atomically) and --md (the markdown table, also printed).
+Output: --out (JSON, written atomically) and --md (the markdown table, also printed). A full run of every
+section also writes that table into the README, between two marker lines (report.README_START/END), so
+the README's numbers are always a whole run's; --quick, --only and --no-readme leave the README alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -41,9 +44,10 @@ from microlm.malloc import keep_freed_memory
 from microlm.model import GPTConfig
 from microlm.tokenizer import Tokenizer
 from microlm.train import TrainConfig
-from report import to_markdown
+from report import readme_with_table, to_markdown
 from timing import machine
 
+ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("tokenizer", "training", "generation", "lora", "memory")
 
 
@@ -86,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, usually one "
                                                              "per core; --quick: 1)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (on CPU it takes minutes)")
+    p.add_argument("--readme", default=str(ROOT / "README.md"),
+                   help="the README whose benchmark table a full run rewrites (default: the repository's)")
+    p.add_argument("--no-readme", action="store_true", help="leave the README alone (--quick and --only always do)")
     p.add_argument("--runs-dir", default="runs", help="where `make pretrain` and `make lora-finetune` wrote their "
                                                       "runs, for their peak memory (default: %(default)s)")
     return p
@@ -100,6 +107,13 @@ def main(argv=None) -> int:
         build_parser().error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         build_parser().error(f"--threads must be >= 1, got {args.threads}")
+    # Only a whole run at full size may stand in the README; its markers are checked now, not after minutes.
+    write_readme = not (args.quick or args.no_readme or set(sections) != set(SECTIONS))
+    if write_readme:
+        try:
+            readme_with_table(Path(args.readme).read_text(encoding="utf-8"), "", args.readme)
+        except (OSError, ValueError) as e:
+            build_parser().error(f"--readme: {e}")
     # Tiny models gain nothing from more threads, and on a busy machine OpenMP's spinning threads made
     # the quick run about 10x slower (a minute, not seconds): --quick uses one unless told otherwise.
     threads = args.threads or (1 if args.quick else None)
@@ -149,15 +163,19 @@ def main(argv=None) -> int:
     save_text(args.md, table)
     print("\n" + table)
     print(f"wrote {args.out} and {args.md}")
-    if failed:
-        print(f"error: section(s) {', '.join(failed)} failed (traceback above)", file=sys.stderr)
+    error = (f"section(s) {', '.join(failed)} failed (traceback above)" if failed
+             else "tiktoken and encode_python gave different ids for the same text: a tokenizer bug"
+             if "tokenizer" in res and not res["tokenizer"]["identical_ids"] else None)
+    if error:
+        print(f"error: {error}; {args.readme} left alone", file=sys.stderr)
         return 1
-    if "tokenizer" in res and not res["tokenizer"]["identical_ids"]:
-        print("error: tiktoken and encode_python gave different ids for the same text: a tokenizer bug",
-              file=sys.stderr)
-        return 1
+    if write_readme:
+        readme = Path(args.readme)
+        save_text(readme, readme_with_table(readme.read_text(encoding="utf-8"), table, args.readme))
+        print(f"wrote the table into {args.readme}")
+    elif not args.no_readme:
+        print(f"left {args.readme} alone: only a full run of every section goes there")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,7 @@ every timing positive and ordered (min <= median <= max), ratios positive, and t
 to the plain-Python encoder's. Benchmarks never fail on a number; a crash or wrong ids do fail here.
 """
 
+import importlib
 import json
 import math
 import shutil
@@ -119,12 +120,17 @@ def test_make_bench_runs_this_script_with_args():
     assert "benchmarks/run.py --quick" in proc.stdout
 
 
-def test_peak_rss_is_read_from_a_run_summary(tmp_path):
+def from_benchmarks(module: str):
+    """Import a module of benchmarks/ (a folder of scripts, not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from bench_memory import bench_memory
+        return importlib.import_module(module)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_peak_rss_is_read_from_a_run_summary(tmp_path):
+    bench_memory = from_benchmarks("bench_memory").bench_memory
     (tmp_path / "pretrain").mkdir()
     (tmp_path / "pretrain" / "summary.json").write_text(json.dumps({"peak_rss_mib": 812.5}))
     (tmp_path / "lora").mkdir()
@@ -132,3 +138,43 @@ def test_peak_rss_is_read_from_a_run_summary(tmp_path):
     mem = bench_memory(tmp_path)
     assert mem["pretrain"]["peak_rss_mib"] == 812.5
     assert mem["lora_finetune"]["peak_rss_mib"] is None and "no peak_rss_mib" in mem["lora_finetune"]["note"]
+
+
+def test_readme_table_is_results_bench_md():
+    # make bench writes both from one run; a hand edit of either, or a copy of another run, fails here
+    report = from_benchmarks("report")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert report.table_in_readme(readme) == (ROOT / "results" / "bench.md").read_text(encoding="utf-8")
+
+
+def test_readme_table_is_replaced_between_the_markers_only():
+    report = from_benchmarks("report")
+    start, end = report.README_START, report.README_END
+    readme = f"# title\n\ntext before\n{start}\nold table\n{end}\n\ntext after\n"
+    new = report.readme_with_table(readme, "| new | table |\n")
+    assert new == f"# title\n\ntext before\n{start}\n| new | table |\n\n{end}\n\ntext after\n"
+    assert report.table_in_readme(new) == "| new | table |\n"
+    assert report.readme_with_table(new, "| new | table |\n") == new  # rewriting the same table changes nothing
+
+
+@pytest.mark.parametrize("readme", ["no markers", "{end}\nx\n{start}\n", "{start}\nx\n{end}\n{start}\ny\n{end}\n",
+                                    "{start}\nno end\n"])
+def test_readme_without_one_pair_of_markers_is_refused_by_name(readme):
+    report = from_benchmarks("report")
+    readme = readme.format(start=report.README_START, end=report.README_END)
+    with pytest.raises(ValueError, match="docs/R.md: the benchmark table must sit between"):
+        report.readme_with_table(readme, "| t |\n", "docs/R.md")
+
+
+def test_quick_run_leaves_the_readme_alone(bench):
+    assert "left " in bench[2] and "README.md alone" in bench[2]
+
+
+def test_full_run_with_a_readme_lacking_markers_stops_before_measuring(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers here\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--readme", str(readme),
+                           "--out", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "--readme: " in proc.stderr and "README.md: the benchmark table" in proc.stderr
+    assert not (tmp_path / "b.json").exists() and readme.read_text() == "# no markers here\n"
