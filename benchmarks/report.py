@@ -161,8 +161,9 @@ def readme_with_table(readme: str, table: str, where: str = "README.md") -> str:
         raise ValueError(f"{where}: the benchmark table must sit between one line {README_START!r} and, after "
                          f"it, one line {README_END!r}; put them back, or run with --no-readme")
     tail = after[0].split(README_END, 1)[1]
+    body = table.strip("\n")
     # a blank line before the end marker, so no renderer reads the marker as one more table row
-    return f"{before}{README_START}\n{table.strip(chr(10))}\n\n{README_END}{tail}"
+    return f"{before}{README_START}\n{body}\n\n{README_END}{tail}"
 
 
 def table_in_readme(readme: str) -> str:
