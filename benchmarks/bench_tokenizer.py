@@ -71,7 +71,9 @@ def bench_tokenizer(stories: list[str], bpe: BPEResult, repeats: int, encode_cha
     ratio = t["python"]["median_s"] / t["tiktoken"]["median_s"]
 
     root = Path(__file__).resolve().parent.parent
-    readmes = "\n".join(p.read_text(encoding="utf-8") for p in sorted(root.glob("**/README.md")) if ".venv" not in p.parts)
+    # the repository's own prose: every README and the history that moved out of the main one
+    texts = [p for p in sorted(root.glob("**/README.md")) if ".venv" not in p.parts] + [root / "results" / "HISTORY.md"]
+    readmes = "\n".join(p.read_text(encoding="utf-8") for p in texts)
     prose = (readmes * (1 + encode_chars // 4 // len(readmes)))[: encode_chars // 4]
     prose_mb = len(prose.encode("utf-8")) / 1e6
     print(f"  tokenizer  encoding {prose_mb:.2f} MB of README prose: tiktoken vs plain Python", flush=True)

@@ -15,9 +15,10 @@ One module per section, in the order of the story (corpus -> tokenizer -> model 
 timing.py says how: contenders take turns in one process, warm-up first, median of repeats with
 min and max. Targets from the issue are marked met or not; a benchmark never fails on a number. It
 exits non-zero only when a section crashes or tiktoken and plain Python disagree on the ids.
-Output: --out (JSON, written atomically) and --md (the markdown table, also printed). A full run of every
+Output: --out (JSON, written atomically) and --md (the markdown table, also printed). A run of every
 section also writes that table into the README, between two marker lines (report.README_START/END), so
-the README's numbers are always a whole run's; --quick, --only and --no-readme leave the README alone.
+the README's numbers are always a whole run's; --quick, --only, --no-compile and --no-readme leave the
+README alone (readme_refusal says which).
 """
 
 from __future__ import annotations
@@ -83,33 +84,46 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Targets are from issue 5; they are reported, never enforced.")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds: checks that everything runs; "
                                                         "the numbers mean nothing")
-    p.add_argument("--out", default="results/bench.json", help="JSON results (default: %(default)s)")
-    p.add_argument("--md", default="results/bench.md", help="markdown table (default: %(default)s)")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections (default: %(default)s)")
+    # Defaults in the repository, wherever the command runs from: the README's table must be this bench.md.
+    p.add_argument("--out", default=str(ROOT / "results" / "bench.json"),
+                   help="JSON results (default: results/bench.json in the repository)")
+    p.add_argument("--md", default=str(ROOT / "results" / "bench.md"),
+                   help="markdown table (default: results/bench.md in the repository)")
+    p.add_argument("--only", default=None, help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 7, --quick 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, usually one "
                                                              "per core; --quick: 1)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (on CPU it takes minutes)")
     p.add_argument("--readme", default=str(ROOT / "README.md"),
                    help="the README whose benchmark table a full run rewrites (default: the repository's)")
-    p.add_argument("--no-readme", action="store_true", help="leave the README alone (--quick and --only always do)")
-    p.add_argument("--runs-dir", default="runs", help="where `make pretrain` and `make lora-finetune` wrote their "
-                                                      "runs, for their peak memory (default: %(default)s)")
+    p.add_argument("--no-readme", action="store_true",
+                   help="leave the README alone (--quick, --only and --no-compile always do)")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where `make pretrain` and `make lora-finetune` "
+                   "wrote their runs, for their peak memory (default: runs/ in the repository)")
     return p
+
+
+def readme_refusal(args: argparse.Namespace) -> str | None:
+    """Why this run's table must not go into the README, or None when it may: only a run of every
+    section, compile included, at full size stands there (the table states its repeats and threads)."""
+    for flag, given in (("--no-readme", args.no_readme), ("--quick", args.quick), ("--only", args.only is not None),
+                        ("--no-compile", args.no_compile)):
+        if given:
+            return "as --no-readme asks" if flag == "--no-readme" else f"{flag}: only a full run of every section goes there"
+    return None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    sections = [s.strip() for s in (args.only or ",".join(SECTIONS)).split(",") if s.strip()]
     if unknown := sorted(set(sections) - set(SECTIONS)):
         build_parser().error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     if args.repeats is not None and args.repeats < 1:
         build_parser().error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         build_parser().error(f"--threads must be >= 1, got {args.threads}")
-    # Only a whole run at full size may stand in the README; its markers are checked now, not after minutes.
-    write_readme = not (args.quick or args.no_readme or set(sections) != set(SECTIONS))
-    if write_readme:
+    refusal = readme_refusal(args)
+    if refusal is None:  # the markers are checked now, not after minutes of measuring
         try:
             readme_with_table(Path(args.readme).read_text(encoding="utf-8"), "", args.readme)
         except (OSError, ValueError) as e:
@@ -163,19 +177,23 @@ def main(argv=None) -> int:
     save_text(args.md, table)
     print("\n" + table)
     print(f"wrote {args.out} and {args.md}")
-    error = (f"section(s) {', '.join(failed)} failed (traceback above)" if failed
-             else "tiktoken and encode_python gave different ids for the same text: a tokenizer bug"
-             if "tokenizer" in res and not res["tokenizer"]["identical_ids"] else None)
+    if failed:
+        error = f"section(s) {', '.join(failed)} failed (traceback above)"
+    elif "tokenizer" in res and not res["tokenizer"]["identical_ids"]:
+        error = "tiktoken and encode_python gave different ids for the same text: a tokenizer bug"
+    else:
+        error = None
     if error:
         print(f"error: {error}; {args.readme} left alone", file=sys.stderr)
         return 1
-    if write_readme:
+    if refusal is None:
         readme = Path(args.readme)
         save_text(readme, readme_with_table(readme.read_text(encoding="utf-8"), table, args.readme))
         print(f"wrote the table into {args.readme}")
-    elif not args.no_readme:
-        print(f"left {args.readme} alone: only a full run of every section goes there")
+    else:
+        print(f"left {args.readme} alone: {refusal}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,7 +36,7 @@ class GPTConfig:
     qk_norm: bool = True  # RMS-normalise queries and keys per head (see CausalSelfAttention)
     # Attention scores are q.k * attn_scale / sqrt(head_dim). With QK-norm, q.k / sqrt(head_dim) is at
     # most sqrt(head_dim) (about 5.7 here) times the norms' gains, too flat to pick one token out of a
-    # story until the gains grow; 2 lets heads look things up sooner (see the README's results).
+    # story until the gains grow; 2 lets heads look things up sooner (results/HISTORY.md).
     attn_scale: float = 2.0
     # With conv_kernel = k > 0, each block mixes the last k positions into the inputs of its attention
     # and of its feed-forward, channel by channel (see ShortConv). Off by default: on this world 4 made

@@ -21,12 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"  # a copy: were the guard broken, a quick run would overwrite the real table
+    shutil.copy(ROOT / "README.md", readme)
     # A subprocess, as `make bench ARGS=--quick` runs it (--quick uses one torch thread).
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
                            "--out", str(out / "bench.json"), "--md", str(out / "bench.md"),
-                           "--runs-dir", str(out / "no-runs")],
+                           "--runs-dir", str(out / "no-runs"), "--readme", str(readme)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert readme.read_bytes() == (ROOT / "README.md").read_bytes()
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), proc.stdout
 
 
@@ -167,7 +170,22 @@ def test_readme_without_one_pair_of_markers_is_refused_by_name(readme):
 
 
 def test_quick_run_leaves_the_readme_alone(bench):
-    assert "left " in bench[2] and "README.md alone" in bench[2]
+    # the fixture checked the bytes; the run also says so
+    assert "README.md alone: --quick: only a full run of every section goes there" in bench[2]
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    ([], None),
+    (["--repeats", "3", "--threads", "1"], None),  # the table states both
+    (["--quick"], "--quick: only a full run"),
+    (["--only", "tokenizer,training,generation,lora,memory"], "--only: only a full run"),
+    (["--no-compile"], "--no-compile: only a full run"),
+    (["--no-readme"], "as --no-readme asks"),
+])
+def test_only_a_full_run_may_write_the_readme(flags, refusal):
+    run = from_benchmarks("run")
+    got = run.readme_refusal(run.build_parser().parse_args(flags))
+    assert got is None if refusal is None else got.startswith(refusal), got
 
 
 def test_full_run_with_a_readme_lacking_markers_stops_before_measuring(tmp_path):
