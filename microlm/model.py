@@ -40,8 +40,8 @@ class GPTConfig:
     attn_scale: float = 2.0
     # With conv_kernel = k > 0, each block mixes the last k positions into the inputs of its attention
     # and of its feed-forward, channel by channel (see ShortConv). Off by default: on this world 4 made
-    # the share of valid stories steadier across seeds but took the default seed's below 95%, and a
-    # `make pretrain` close to its 10 minutes (README, Results: "Short convolutions on this world").
+    # the share of valid stories steadier across seeds but took the default seed's below 95% (README,
+    # Results: "Short convolutions on this world").
     conv_kernel: int = 0
 
     def __post_init__(self):
