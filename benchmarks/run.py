@@ -106,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 def readme_refusal(args: argparse.Namespace) -> str | None:
     """Why this run's table must not go into the README, or None when it may: only a run of every
     section, compile included, at full size stands there (the table states its repeats and threads)."""
-    for flag, given in (("--no-readme", args.no_readme), ("--quick", args.quick), ("--only", args.only is not None),
-                        ("--no-compile", args.no_compile)):
+    if args.no_readme:
+        return "as --no-readme asks"
+    for flag, given in (("--quick", args.quick), ("--only", args.only is not None), ("--no-compile", args.no_compile)):
         if given:
-            return "as --no-readme asks" if flag == "--no-readme" else f"{flag}: only a full run of every section goes there"
+            return f"{flag}: only a full run of every section goes there"
     return None
 
 
