@@ -9,6 +9,10 @@ A step is what `microlm pretrain` does per batch: forward, cross-entropy, backwa
   baseline       benchmarks/baseline.py
   ours_compiled  torch.compile(ours), at the default size only (not with --quick or --no-compile)
 
+At the default size a few more steps of ours and of the baseline run under torch.profiler, to show where
+a step's time goes (step_profile): matmuls, attention's kernels, the optimizer and everything else, which
+is mostly element-wise work (norms, RoPE, activations, the loss, copies).
+
 Model FLOP utilisation (MFU) = flops_per_token * tokens/s / the fp32 matmul peak measured in this
 process (microlm.train.matmul_peak_flops), the same ruler `make pretrain` reports with. The step here
 skips what train() adds around it (gradient clipping, loss.item(), logging), so it reads a little
@@ -22,12 +26,13 @@ import dataclasses
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from baseline import BaselineGPT
 from microlm.compare import step_cost
 from microlm.model import GPT, GPTConfig
-from microlm.train import TrainConfig, masked_loss, matmul_peak_flops
-from timing import target
+from microlm.train import TrainConfig, make_optimizer, masked_loss, matmul_peak_flops
+from timing import paired_ratio, target
 
 
 def random_batch(vocab_size: int, batch_size: int, context: int, seed: int = 0):
@@ -56,7 +61,53 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def bench_size(name: str, config: GPTConfig, train_cfg: TrainConfig, repeats: int, try_compile: bool) -> dict:
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+PROFILE_PARTS = ("matmul", "attention", "optimizer", "other")
+
+
+def step_profile(models: dict, batch, train_cfg: TrainConfig, rounds: int) -> dict:
+    """Self CPU time of one training step (as step_cost runs it) by kind of op, in seconds, the mean of
+    `rounds` profiled steps per model, the models taking turns after a warm-up step each. Every op's
+    own time (without the ops it calls) goes to one part: `matmul` (MATMUL_OPS), `attention` (the
+    scaled_dot_product kernels, forward and backward), `optimizer` (anything inside AdamW's step or
+    zero_grad) or `other`. The profiler adds a few microseconds to every op, so parts made of many
+    small ops (`other`) read high: compare the models part by part, not with the step_cost timings."""
+    x, y = batch
+    opts = {name: make_optimizer(m, train_cfg) for name, m in models.items()}
+    parts = {name: dict.fromkeys(PROFILE_PARTS, 0.0) for name in models}
+
+    def step(name):
+        models[name].train()
+        masked_loss(models[name](x), y).backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    for name in models:
+        step(name)  # warm-up: AdamW creates its state on the first step
+    for _ in range(rounds):
+        for name in models:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(name)
+            for e in prof.events():
+                parts[name][_part(e)] += e.self_cpu_time_total * 1e-6 / rounds
+    return parts
+
+
+def _part(event) -> str:
+    if event.name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in event.name:
+        return "attention"
+    parent = event
+    while parent is not None:
+        if parent.name.startswith("Optimizer."):
+            return "optimizer"
+        parent = parent.cpu_parent
+    return "other"
+
+
+def bench_size(name: str, config: GPTConfig, train_cfg: TrainConfig, repeats: int, try_compile: bool,
+               profile_rounds: int = 0) -> dict:
     torch.manual_seed(0)
     ours = GPT(config)
     models = {"ours": ours, "ours_causal": GPT(dataclasses.replace(config, eot_id=-1)), "baseline": BaselineGPT(config)}
@@ -87,16 +138,19 @@ def bench_size(name: str, config: GPTConfig, train_cfg: TrainConfig, repeats: in
         "flops_per_token": {"ours": ours.flops_per_token(), "baseline": models["baseline"].flops_per_token()},
         "step": steps,
         "tokens_per_s": {k: tokens / s for k, s in median.items()},
-        # Higher is better for ours: baseline time / our time = our tokens/s / baseline tokens/s.
-        "ratio_ours_baseline": median["baseline"] / median["ours"],
-        "ratio_ours_causal_baseline": median["baseline"] / median["ours_causal"],
-        "document_mask_cost": median["ours"] / median["ours_causal"],
+        # Ratios round by round (paired_ratio). Higher is better for ours: baseline time / our time = our
+        # tokens/s / baseline tokens/s.
+        "ratio_ours_baseline": paired_ratio(steps["baseline"], steps["ours"]),
+        "ratio_ours_causal_baseline": paired_ratio(steps["baseline"], steps["ours_causal"]),
+        "document_mask_cost": paired_ratio(steps["ours"], steps["ours_causal"]),
     }
+    if profile_rounds:
+        row["profile"] = step_profile({k: models[k] for k in ("ours", "baseline")}, batch, train_cfg, profile_rounds)
     if compiled is not None:
         if compiled["ok"]:
             saved = median["ours"] - median["ours_compiled"]
             # Compiling pays when the time it saves over a whole run exceeds the time it takes.
-            compiled["speedup"] = median["ours"] / median["ours_compiled"]
+            compiled["speedup"] = paired_ratio(steps["ours"], steps["ours_compiled"])
             compiled["break_even_steps"] = compiled["compile_s"] / saved if saved > 0 else None
             compiled["run_steps"] = TrainConfig().max_steps
             compiled["pays"] = saved > 0 and compiled["compile_s"] < saved * compiled["run_steps"]
@@ -116,7 +170,8 @@ def bench_training(base: GPTConfig, sizes: dict[str, dict], batch_size: int, rep
         config = dataclasses.replace(base, d_ff=0, **changes) if changes else base
         print(f"  training  {name}: d_model {config.d_model}, {config.n_layers} layers, {config.n_heads} heads, "
               f"context {config.context_length}, batch {batch_size}", flush=True)
-        rows.append(bench_size(name, config, train_cfg, repeats, try_compile=name == compile_size))
+        rows.append(bench_size(name, config, train_cfg, repeats, try_compile=name == compile_size,
+                               profile_rounds=3 if name == "default" else 0))
     peaks.append(matmul_peak_flops())
     peak = max(peaks)  # the machine's best: a peak measured during a slow moment would flatter the MFU
     for row in rows:
@@ -125,7 +180,7 @@ def bench_training(base: GPTConfig, sizes: dict[str, dict], batch_size: int, rep
     default = next((r for r in rows if r["name"] == "default"), None)
     if default:
         out["targets"] = {"mfu_default": target(default["mfu"]["ours"], ">=", 0.55, shown=">= 55%"),
-                          "ours_vs_baseline_default": target(default["ratio_ours_baseline"], ">=", 1.0)}
+                          "ours_vs_baseline_default": target(default["ratio_ours_baseline"]["median"], ">=", 1.0)}
     if compile_size is None:
         out["compile"] = {"ok": None, "skipped": "not tried (--quick or --no-compile)"}
     else:

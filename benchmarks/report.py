@@ -1,4 +1,5 @@
-"""bench.json as a markdown table: every figure as median (min-max) beside its ratio and its target."""
+"""bench.json as a markdown table: every figure as median (min-max) beside its ratio and its target;
+a ratio as the median of the rounds' ratios, (min-max) of them beside it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ def _rate(amount: float, timing: dict, unit: str, fmt: str = ",.0f") -> str:
     """amount per second from a timing, median with the spread: the slowest repeat gives the lowest rate."""
     return (f"{amount / timing['median_s']:{fmt}} {unit} "
             f"({amount / timing['max_s']:{fmt}}-{amount / timing['min_s']:{fmt}})")
+
+
+def _ratio(r: dict, fmt: str = ".2f", unit: str = "x") -> str:
+    """A paired ratio (timing.paired_ratio): the median of the rounds' ratios, (min-max) of them beside it."""
+    return f"{r['median']:{fmt}}{unit} ({r['min']:{fmt}}-{r['max']:{fmt}})"
 
 
 def _ms(timing: dict, per: float = 1.0) -> str:
@@ -30,28 +36,47 @@ def training_rows(tr: dict) -> list[tuple]:
                  f"{c['context_length']}, batch {c['batch_size']}, vocab {c['vocab_size']}")
         rows.append((f"training, {s['name']} ({shape}): tokens/s, ours vs GPT-2-style baseline",
                      f"ours {_rate(tok, step['ours'], 'tok/s')}; baseline {_rate(tok, step['baseline'], 'tok/s')}",
-                     f"{s['ratio_ours_baseline']:.2f}x",
+                     _ratio(s["ratio_ours_baseline"]),
                      _mark(tr["targets"].get("ours_vs_baseline_default")) if is_default else ""))
         rows.append((f"training, {s['name']}: ours without the document mask (causal only)",
                      f"{_rate(tok, step['ours_causal'], 'tok/s')}",
-                     f"{s['ratio_ours_causal_baseline']:.2f}x baseline; the mask costs {s['document_mask_cost']:.2f}x",
+                     f"{_ratio(s['ratio_ours_causal_baseline'])} baseline; the mask costs "
+                     f"{_ratio(s['document_mask_cost'])}",
                      ""))
         rows.append((f"training, {s['name']}: model FLOP utilisation",
                      f"ours {s['mfu']['ours']:.1%}, baseline {s['mfu']['baseline']:.1%} of {peak:.0f} GFLOP/s "
                      "(fp32 matmul peak, this process)", "",
                      _mark(tr["targets"].get("mfu_default")) if is_default else ""))
+        if "profile" in s:
+            rows.append(_profile_row(s["name"], s["profile"]))
     comp = tr["compile"]
     if comp.get("ok"):
         size = next(s for s in tr["sizes"] if "compile" in s)
         tok, step, even = size["tokens_per_step"], size["step"], comp["break_even_steps"]
         rows.append((f"torch.compile, {size['name']}: compiled vs eager",
                      f"{_rate(tok, step['ours_compiled'], 'tok/s')} vs {_rate(tok, step['ours'], 'tok/s')}; "
-                     f"compiling took {comp['compile_s']:.0f} s", f"{comp['speedup']:.2f}x",
+                     f"compiling took {comp['compile_s']:.0f} s", _ratio(comp["speedup"]),
                      ("pays" if comp["pays"] else "does not pay") + f" over a default run ({comp['run_steps']:,} steps)"
                      + (f"; break-even after {even:,.0f} steps" if even else "")))
     else:
         rows.append(("torch.compile", comp.get("skipped") or f"failed: {comp.get('error')}", "", ""))
     return rows
+
+
+PART_NAMES = {"matmul": "matmuls", "attention": "attention", "optimizer": "optimizer", "other": "the rest"}
+
+
+def _profile_row(size: str, prof: dict) -> tuple:
+    """Where a step's time goes (bench_training.step_profile): ms per part and share, ours and baseline;
+    as the ratio, ours / baseline part by part."""
+    def parts(p: dict) -> str:
+        total = sum(p.values())
+        return f"{1e3 * total:.0f} ms: " + ", ".join(f"{PART_NAMES[k]} {1e3 * v:.0f} ({v / total:.0%})"
+                                                     for k, v in p.items())
+    ours, base = prof["ours"], prof["baseline"]
+    return (f"training, {size}: where a step's time goes (torch.profiler, self CPU time; the rest: element-wise "
+            "ops, norms, the loss, copies)", f"ours {parts(ours)}; baseline {parts(base)}",
+            ", ".join(f"{PART_NAMES[k]} {ours[k] / base[k]:.2f}x" for k in ours if base[k] > 0), "")
 
 
 def generation_rows(gen: dict) -> list[tuple]:
@@ -64,13 +89,13 @@ def generation_rows(gen: dict) -> list[tuple]:
                                                    f"{gen['context_length']})" if capped else "")
         rows.append((label + ": KV cache vs recomputing the prefix (greedy, batch 1)",
                      f"{_rate(n, g['time']['kv_cache'], 'tok/s')} vs {_rate(n, g['time']['recompute'], 'tok/s')}",
-                     f"{g['speedup']:.1f}x", _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
+                     _ratio(g["speedup"], ".1f"), _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
     b = gen["batched"]
     tokens = b["new_tokens"] * b["batch_size"]
     rows.append((f"generation, {b['new_tokens']} new tokens, batch {b['batch_size']}: KV cache vs recomputing "
                  f"({b['time']['recompute']['n']} repeats)",
                  f"{_rate(tokens, b['time']['kv_cache'], 'tok/s')} vs {_rate(tokens, b['time']['recompute'], 'tok/s')}",
-                 f"{b['speedup']:.1f}x", _mark(gen["targets"]["kv_cache_speedup_longest_batched"])))
+                 _ratio(b["speedup"], ".1f"), _mark(gen["targets"]["kv_cache_speedup_longest_batched"])))
     return rows
 
 
@@ -81,22 +106,22 @@ def lora_rows(lo: dict) -> list[tuple]:
     return [
         (f"LoRA r={r} ({', '.join(lo['lora']['targets'])}) vs full fine-tuning: step time, batch "
          f"{lo['batch'][0]} x {lo['batch'][1]}", f"{_ms(step['lora'])} vs {_ms(step['full'])}",
-         f"{lo['step_ratio_lora_full']:.2f}x", _mark(targets["lora_step_vs_full"])),
+         _ratio(lo["step_ratio_lora_full"]), _mark(targets["lora_step_vs_full"])),
         ("LoRA vs full: tensor memory of a step at its peak",
          f"{mem['lora']['total'] / 2**20:.1f} vs {mem['full']['total'] / 2**20:.1f} MiB",
          f"{lo['memory_ratio_lora_full']:.2f}x", _mark(targets["lora_memory_vs_full"])),
         (f"per-token latency ({n} tokens, batch 1): merged (merge_and_unload) vs base",
-         f"{_ms(lat['merged'])} vs {_ms(lat['base'])}", f"{ratio['merged']:.3f}x",
+         f"{_ms(lat['merged'])} vs {_ms(lat['base'])}", _ratio(ratio["merged"], ".3f"),
          _mark(targets["merged_latency_vs_base"])),
         ("per-token latency: merged in place (LoRALinear kept) vs base", f"{_ms(lat['merged_in_place'])}",
-         f"{ratio['merged_in_place']:.3f}x", ""),
+         _ratio(ratio["merged_in_place"], ".3f"), ""),
         ("per-token latency: unmerged vs base (the adapter's overhead)", f"{_ms(lat['unmerged'])}",
-         f"{ratio['unmerged']:.3f}x", ""),
+         _ratio(ratio["unmerged"], ".3f"), ""),
     ]
 
 
 def tokenizer_rows(tk: dict) -> list[tuple]:
-    rate, enc, v = tk["encode_mb_per_s"], tk["encode"], tk["vocab"]
+    enc, v = tk["encode"], tk["vocab"]
     return [
         (f"BPE training, {tk['n_stories']:,} stories ({tk['train_chars'] / 1e6:.1f} MB)",
          f"{_ms(tk['train_bpe'])}; {v['merges']} merges, {v['n_vocab']} tokens"
@@ -105,18 +130,18 @@ def tokenizer_rows(tk: dict) -> list[tuple]:
          f"{_rate(tk['encode_mb'], enc['tiktoken'], 'MB/s', ',.2f')} vs "
          f"{_rate(tk['encode_mb'], enc['python'], 'MB/s', ',.2f')}; ids identical: "
          f"{'yes' if tk['identical_ids'] else 'NO'}",
-         f"{tk['ratio_tiktoken_python']:.1f}x", _mark(tk["targets"]["tiktoken_vs_python"])),
+         _ratio(tk["ratio_tiktoken_python"], ".1f"), _mark(tk["targets"]["tiktoken_vs_python"])),
         (f"encoding {tk['prose']['mb']:.2f} MB of README prose ({tk['prose']['chars_per_token']:.1f} chars/token): "
          "tiktoken vs plain Python",
          f"{_rate(tk['prose']['mb'], tk['prose']['encode']['tiktoken'], 'MB/s', ',.2f')} vs "
          f"{_rate(tk['prose']['mb'], tk['prose']['encode']['python'], 'MB/s', ',.2f')}",
-         f"{tk['prose']['ratio_tiktoken_python']:.1f}x", _mark(tk["targets"]["tiktoken_vs_python_prose"])),
+         _ratio(tk["prose"]["ratio_tiktoken_python"], ".1f"), _mark(tk["targets"]["tiktoken_vs_python_prose"])),
         ("encoding: Tokenizer.encode_batch, one tiktoken call per story (how the corpus is encoded)",
          _rate(tk["encode_mb"], enc["per_story"], "MB/s", ",.2f"),
-         f"{rate['per_story'] / rate['python']:.1f}x python", ""),
+         _ratio(tk["ratio_to_python"]["per_story"], ".1f", "x python"), ""),
         ("encoding: tiktoken's encode_ordinary_batch, one call per story on a pool of threads",
          _rate(tk["encode_mb"], enc["threads"], "MB/s", ",.2f"),
-         f"{rate['threads'] / rate['python']:.1f}x python", ""),
+         _ratio(tk["ratio_to_python"]["threads"], ".1f", "x python"), ""),
     ]
 
 
@@ -135,8 +160,8 @@ def to_markdown(res: dict) -> str:
     lines = [f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['cpu_capability']}), torch {m['torch']} "
              f"(threads: {m['torch_threads']}), Python {m['python']}; load average {m['load_average_1m']:.2f} at the "
              f"start. Medians of {s['repeats']} repeats ({3 * s['repeats']} for per-token latencies) after a warm-up, "
-             f"(min-max) beside them; contenders took "
-             f"turns in one process.{' QUICK MODE: tiny sizes, the figures mean nothing.' if s['quick'] else ''}",
+             f"(min-max) beside them; contenders took turns in one process, and each ratio is the median of the "
+             f"ratios within a round, (min-max) of those beside it.{' QUICK MODE: tiny sizes, the figures mean nothing.' if s['quick'] else ''}",
              "", "| benchmark | measured: median (min-max) | ratio | target |", "|---|---|---|---|"]
     for name, rows_of in SECTIONS.items():
         if name not in res:

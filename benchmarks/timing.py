@@ -3,7 +3,9 @@
 A timing on a laptop (or a shared 2-core VM) drifts: another process wakes up, the clock changes. Two
 contenders timed one after the other can differ by 20% for that reason alone. So the contenders take
 turns (A, B, A, B, ...) inside one process, and every figure is quoted as a ratio beside its absolute
-values: a drift slows both alike and mostly cancels in the ratio.
+values. The ratio is taken round by round (microlm.evaluate.paired_ratio): a drift slows both
+contenders of a round alike and cancels in that round's ratio, and the spread of the rounds' ratios
+says how far to trust the median one.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ from __future__ import annotations
 import operator
 import os
 import platform
-import statistics
 import time
 from datetime import datetime, timezone
 from typing import Callable
 
 import torch
 
+from microlm.evaluate import paired_ratio, timing_stats
 from microlm.runs import provenance
+
+__all__ = ["machine", "paired_ratio", "side_by_side", "target", "timing_stats"]
 
 
 def side_by_side(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
     """Call each contender `repeats` times, taking turns, after `warmup` untimed rounds (the first call
-    pays for allocations and lazy initialisation). Seconds per call: median, min and max."""
+    pays for allocations and lazy initialisation). Seconds per call: timing_stats per contender."""
     for _ in range(warmup):
         for run in contenders.values():
             run()
@@ -33,12 +37,7 @@ def side_by_side(contenders: dict[str, Callable[[], object]], repeats: int, warm
             t = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t)
-    return {name: spread(ts) for name, ts in times.items()}
-
-
-def spread(seconds: list[float]) -> dict:
-    """The shape every timing in bench.json has (the same as microlm.compare.step_cost's)."""
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "n": len(seconds)}
+    return {name: timing_stats(ts) for name, ts in times.items()}
 
 
 def target(value: float, op: str, threshold: float, shown: str = "") -> dict:

@@ -217,6 +217,27 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+def timing_stats(seconds: list[float]) -> dict:
+    """Median, min and max of repeated timings, and the timings themselves in the order they were
+    taken, so that two contenders timed in turns can be compared round by round (paired_ratio)."""
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "n": len(seconds), "samples_s": list(seconds)}
+
+
+def paired_ratio(num: dict, den: dict) -> dict:
+    """num / den for two timings taken in turns (timing_stats): the ratio in each round, then their
+    median, min and max. A drift of the machine (another process, the clock) slows both contenders of
+    a round alike and cancels in that round's ratio, so the median is steadier than the ratio of the
+    two medians, and the spread says whether a difference is real: a ratio whose min and max lie on
+    either side of 1 is not. Timings without their samples (files from before) give the ratio of the
+    medians, with no spread."""
+    if "samples_s" not in num or "samples_s" not in den:
+        r = num["median_s"] / den["median_s"]
+        return {"median": r, "min": None, "max": None}
+    ratios = [a / b for a, b in zip(num["samples_s"], den["samples_s"], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
 @torch.inference_mode()  # as generate
 def decode(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     """Greedy decoding's work with the tokens fixed: prefill `prompt` (1, t0) into a KV cache, then feed
@@ -234,7 +255,7 @@ def decode(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
 def per_token_latency(models: dict, prompt: torch.Tensor, n_tokens: int = 64, repeats: int = 7) -> dict:
     """Seconds per generated token (batch 1, KV cache, greedy) for each model, measured side by side:
     the models take turns in every repeat, each repeat starting with the next model, so drifts of the
-    machine and the order of the turns hit them all alike. Median and spread.
+    machine and the order of the turns hit them all alike. Per model: timing_stats of the repeats.
 
     Every model decodes the same tokens (the first model's greedy continuation): a fine-tuned model
     that answers and writes `<|endoftext|>` would otherwise take the document-mask path for the rest
@@ -250,4 +271,4 @@ def per_token_latency(models: dict, prompt: torch.Tensor, n_tokens: int = 64, re
             t = time.perf_counter()
             decode(models[name], prompt, tokens)
             times[name].append((time.perf_counter() - t) / len(tokens))
-    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts)} for name, ts in times.items()}
+    return {name: timing_stats(ts) for name, ts in times.items()}

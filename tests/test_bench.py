@@ -1,8 +1,8 @@
 """`make bench` keeps working: benchmarks/run.py --quick, as the Makefile runs it, writes every section.
 
 The numbers of a quick run mean nothing (tiny sizes, a busy machine), so only their sanity is checked:
-every timing positive and ordered (min <= median <= max), ratios positive, and tiktoken's ids identical
-to the plain-Python encoder's. Benchmarks never fail on a number; a crash or wrong ids do fail here.
+every timing positive and ordered (min <= median <= max) with its rounds kept, every ratio taken round
+by round and ordered, and tiktoken's ids identical to the plain-Python encoder's. Benchmarks never fail on a number; a crash or wrong ids do fail here.
 """
 
 import importlib
@@ -45,6 +45,33 @@ def timings(obj):
             yield from timings(v)
 
 
+def ratios(obj):
+    """Every paired ratio {median, min, max} anywhere in the results."""
+    if isinstance(obj, dict):
+        if set(obj) == {"median", "min", "max"}:
+            yield obj
+        for v in obj.values():
+            yield from ratios(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from ratios(v)
+
+
+def test_a_paired_ratio_is_taken_round_by_round():
+    from microlm.evaluate import paired_ratio, timing_stats
+    # a slow moment in the third round hits both contenders: round by round, a is half of b every time,
+    # while the ratio of the medians (5 / 3) says a is the slower one
+    a, b = timing_stats([1.0, 5.0, 5.0]), timing_stats([2.0, 10.0, 3.0])
+    assert a["median_s"] / b["median_s"] == pytest.approx(5 / 3)
+    assert paired_ratio(a, b) == pytest.approx({"median": 0.5, "min": 0.5, "max": 5 / 3})
+    assert a["samples_s"] == [1.0, 5.0, 5.0] and a["n"] == 3
+    with pytest.raises(ValueError):  # rounds that do not pair up are a bug, not a ratio
+        paired_ratio(a, timing_stats([1.0, 2.0]))
+    # timings from files written before the rounds were kept: the ratio of the medians, no spread
+    old = {k: v for k, v in a.items() if k != "samples_s"}
+    assert paired_ratio(old, b) == {"median": pytest.approx(5 / 3), "min": None, "max": None}
+
+
 def test_quick_run_writes_every_section_and_the_machine(bench):
     res, _, _ = bench
     assert {"machine", "settings", "tokenizer", "training", "generation", "lora", "memory"} <= set(res)
@@ -58,6 +85,14 @@ def test_every_timing_is_positive_and_ordered(bench):
     assert len(found) > 20
     for t in found:
         assert 0 < t["min_s"] <= t["median_s"] <= t["max_s"] < math.inf, t
+        assert len(t["samples_s"]) == t["n"] and min(t["samples_s"]) == t["min_s"], t
+
+
+def test_every_ratio_is_paired_and_ordered(bench):
+    found = list(ratios(bench[0]))
+    assert len(found) >= 15  # training 4 per size + compile-less, generation 4, LoRA 4, tokenizer 4
+    for r in found:
+        assert 0 < r["min"] <= r["median"] <= r["max"] < math.inf, r
 
 
 def test_tokenizer_ids_are_identical_and_tiktoken_is_measured(bench):
@@ -65,7 +100,8 @@ def test_tokenizer_ids_are_identical_and_tiktoken_is_measured(bench):
     assert tok["identical_ids"] is True
     assert tok["encode_tokens"] > 0 and tok["vocab"]["n_vocab"] > 256
     assert all(v > 0 for v in tok["encode_mb_per_s"].values())
-    assert tok["ratio_tiktoken_python"] > 0
+    assert tok["ratio_tiktoken_python"]["median"] > 0
+    assert set(tok["ratio_to_python"]) == {"tiktoken", "per_story", "threads"}
 
 
 def test_training_has_three_sizes_with_tokens_per_s_and_mfu(bench):
@@ -78,8 +114,15 @@ def test_training_has_three_sizes_with_tokens_per_s_and_mfu(bench):
         # a fraction of a peak measured in the same process; on a busy machine the peak can be measured
         # low, so no upper bound here (timings are for benchmarks, not tests)
         assert s["mfu"]["ours"] > 0 and s["mfu"]["baseline"] > 0
-        assert s["ratio_ours_baseline"] > 0
+        assert s["ratio_ours_baseline"]["median"] > 0
     assert set(tr["targets"]) == {"mfu_default", "ours_vs_baseline_default"}
+    # the default size only is profiled: every part of both models' steps, each a share of a positive total
+    assert [("profile" in s) for s in tr["sizes"]] == [False, True, False]
+    prof = tr["sizes"][1]["profile"]
+    assert set(prof) == {"ours", "baseline"}
+    for parts in prof.values():
+        assert list(parts) == ["matmul", "attention", "optimizer", "other"]
+        assert all(v >= 0 for v in parts.values()) and parts["matmul"] > 0 and parts["optimizer"] > 0
     assert tr["compile"]["ok"] is None  # --quick does not compile
 
 
@@ -88,7 +131,7 @@ def test_generation_caps_lengths_by_the_context(bench):
     ctx = gen["context_length"]
     assert [g["new_tokens"] for g in gen["lengths"]] == [8, 16, ctx - 1]  # 64 capped: the prompt takes one
     assert gen["lengths"][-1]["requested"] == [64]
-    assert all(g["speedup"] > 0 for g in gen["lengths"])
+    assert all(g["speedup"]["median"] > 0 for g in gen["lengths"])
     assert gen["batched"]["new_tokens"] == ctx - 1 and gen["batched"]["batch_size"] == 4
     assert set(gen["targets"]) == {"kv_cache_speedup_longest", "kv_cache_speedup_longest_batched"}
 
@@ -112,6 +155,7 @@ def test_markdown_table_marks_targets_and_is_printed(bench):
     _, md, stdout = bench
     assert "| benchmark | measured: median (min-max) | ratio | target |" in md
     assert md.count(": met") + md.count(": NOT met") == 9  # every target of the issue, marked
+    assert md.count("where a step's time goes") == 1
     assert md in stdout
 
 
@@ -196,3 +240,20 @@ def test_full_run_with_a_readme_lacking_markers_stops_before_measuring(tmp_path)
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "--readme: " in proc.stderr and "README.md: the benchmark table" in proc.stderr
     assert not (tmp_path / "b.json").exists() and readme.read_text() == "# no markers here\n"
+
+
+def test_step_profile_puts_each_op_in_its_part():
+    bench_training = from_benchmarks("bench_training")
+    from microlm.model import GPT, GPTConfig
+    from microlm.train import TrainConfig
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, context_length=16, d_model=16, n_layers=1, n_heads=2)
+    # a model without attention: only its linear layer's matmuls, the optimizer and element-wise ops
+    no_attention = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64))
+    batch = bench_training.random_batch(64, 2, 16)
+    prof = bench_training.step_profile({"gpt": GPT(config), "no_attention": no_attention}, batch, TrainConfig(), 1)
+    assert prof["gpt"]["attention"] > 0 and prof["no_attention"]["attention"] == 0
+    for parts in prof.values():
+        assert parts["matmul"] > 0 and parts["optimizer"] > 0 and parts["other"] > 0
