@@ -231,8 +231,8 @@ def compare_table(res: dict) -> str:
          f"{format_ratio(vs_base['merged_in_place'], '.3f')}, unmerged {format_ratio(vs_base['unmerged'], '.3f')}"),
         ("adapter file vs model file (fp32)", f"{res['files']['adapter_bytes'] / 1024:.1f} KiB vs "
          f"{res['files']['model_bytes'] / 1024:.1f} KiB ({res['files']['ratio']:.2%})"),
-        ("training step, LoRA vs full", f"{1e3 * step['lora']:.1f} vs {1e3 * step['full']:.1f} ms "
-                                        f"({format_ratio(step_ratio)})"),
+        ("training step, LoRA vs full", f"{1e3 * step['lora']:.1f} vs {1e3 * step['full']:.1f} ms (medians); "
+                                        f"{format_ratio(step_ratio)}"),
         ("training memory (tensors), LoRA vs full", f"{mem['lora'] / 2**20:.1f} vs {mem['full'] / 2**20:.1f} MiB "
                                                     f"({mem['lora'] / mem['full']:.2f}x)"),
     ]

@@ -1574,7 +1574,7 @@ FINETUNE = [
 
     from microlm.checkpoint import load_json
     from microlm.data import IGNORE
-    from microlm.evaluate import logits_of, max_abs_diff, per_token_latency
+    from microlm.evaluate import logits_of, max_abs_diff, paired_ratio, per_token_latency
     from microlm.finetune import (LoRAConfig, accuracy, finetune_defaults, fitting, fixed_batches, load_lora_run,
                                   lora_config_from_dict, packing_context, prepare_model, run_finetune, sft_batch,
                                   training_memory)
@@ -1744,9 +1744,11 @@ FINETUNE = [
     one step further and puts plain `nn.Linear` layers back, so the model is a standard model again.
     The figure (the one `microlm compare` draws) is the time per generated token at batch size 1 with
     the KV cache, median of several repeats with the models taking turns, so that a busy moment of the
-    machine hits them all alike; the whiskers are the fastest and slowest repeat. Expect merged to
-    match the base and unmerged to be slower. (In the fast setting, timings of a toy model on a shared
-    machine are mostly noise.)
+    machine hits them all alike; the whiskers are the fastest and slowest repeat. The ratio to the base
+    is taken round by round (`paired_ratio`: each round's two times divided, then the median of those
+    ratios, with their range): a slow moment that hits both models of a round cancels in its ratio.
+    Expect merged to match the base and unmerged to be slower. (In the fast setting, timings of a toy
+    model on a shared machine are mostly noise.)
     """),
     code(r"""
     unloaded = merge_and_unload(copy.deepcopy(lora_model))
@@ -1754,7 +1756,9 @@ FINETUNE = [
     n_new = min(LATENCY_TOKENS, lora_model.config.context_length - prompt.shape[1])
     latency = per_token_latency({"base": base_model, "merged": unloaded, "unmerged": lora_model}, prompt, n_new, REPEATS)
     for name, t in latency.items():
-        print(f"{name:9s} {1e3 * t['median_s']:.2f} ms per token ({t['median_s'] / latency['base']['median_s']:.2f} x base)")
+        r = paired_ratio(t, latency["base"])
+        print(f"{name:9s} {1e3 * t['median_s']:.2f} ms per token; {r['median']:.2f}x base "
+              f"({r['min']:.2f}-{r['max']:.2f} across {t['n']} rounds)")
     plot_latency(latency, OUT / "latency.png")
     display(Image(filename=str(OUT / "latency.png")))
     """),
