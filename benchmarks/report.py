@@ -17,8 +17,10 @@ def _rate(amount: float, timing: dict, unit: str, fmt: str = ",.0f") -> str:
 
 
 def _ratio(r: dict, fmt: str = ".2f", unit: str = "x") -> str:
-    """A paired ratio (timing.paired_ratio): the median of the rounds' ratios, (min-max) of them beside it."""
-    return f"{r['median']:{fmt}}{unit} ({r['min']:{fmt}}-{r['max']:{fmt}})"
+    """A paired ratio (timing.paired_ratio): the median of the rounds' ratios, (min-max) of them beside it
+    (none for results written before the rounds were kept)."""
+    spread = f" ({r['min']:{fmt}}-{r['max']:{fmt}})" if r["min"] is not None else ""
+    return f"{r['median']:{fmt}}{unit}{spread}"
 
 
 def _ms(timing: dict, per: float = 1.0) -> str:
@@ -75,8 +77,9 @@ def _profile_row(size: str, prof: dict) -> tuple:
                                                      for k, v in p.items())
     ours, base = prof["ours"], prof["baseline"]
     return (f"training, {size}: where a step's time goes (torch.profiler, self CPU time; the rest: element-wise "
-            "ops, norms, the loss, copies)", f"ours {parts(ours)}; baseline {parts(base)}",
-            ", ".join(f"{PART_NAMES[k]} {ours[k] / base[k]:.2f}x" for k in ours if base[k] > 0), "")
+            "ops, norms, the loss, copies, autograd's bookkeeping)", f"ours {parts(ours)}; baseline {parts(base)}",
+            "ours / baseline time: " + ", ".join(f"{PART_NAMES[k]} {ours[k] / base[k]:.2f}x"
+                                                 for k in ours if base[k] > 0), "")
 
 
 def generation_rows(gen: dict) -> list[tuple]:
@@ -89,7 +92,8 @@ def generation_rows(gen: dict) -> list[tuple]:
                                                    f"{gen['context_length']})" if capped else "")
         rows.append((label + ": KV cache vs recomputing the prefix (greedy, batch 1)",
                      f"{_rate(n, g['time']['kv_cache'], 'tok/s')} vs {_rate(n, g['time']['recompute'], 'tok/s')}",
-                     _ratio(g["speedup"], ".1f"), _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
+                     _ratio(g["speedup"], ".1f"),
+                     _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
     b = gen["batched"]
     tokens = b["new_tokens"] * b["batch_size"]
     rows.append((f"generation, {b['new_tokens']} new tokens, batch {b['batch_size']}: KV cache vs recomputing "
@@ -157,11 +161,12 @@ SECTIONS = {"tokenizer": tokenizer_rows, "training": training_rows, "generation"
 
 def to_markdown(res: dict) -> str:
     m, s = res["machine"], res["settings"]
+    quick = " QUICK MODE: tiny sizes, the figures mean nothing." if s["quick"] else ""
     lines = [f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['cpu_capability']}), torch {m['torch']} "
              f"(threads: {m['torch_threads']}), Python {m['python']}; load average {m['load_average_1m']:.2f} at the "
              f"start. Medians of {s['repeats']} repeats ({3 * s['repeats']} for per-token latencies) after a warm-up, "
-             f"(min-max) beside them; contenders took turns in one process, and each ratio is the median of the "
-             f"ratios within a round, (min-max) of those beside it.{' QUICK MODE: tiny sizes, the figures mean nothing.' if s['quick'] else ''}",
+             "(min-max) beside them; contenders took turns in one process, each round running each contender once, "
+             f"and a ratio is the median of the rounds' ratios (one per round), (min-max) of those beside it.{quick}",
              "", "| benchmark | measured: median (min-max) | ratio | target |", "|---|---|---|---|"]
     for name, rows_of in SECTIONS.items():
         if name not in res:

@@ -2,7 +2,8 @@
 
 The numbers of a quick run mean nothing (tiny sizes, a busy machine), so only their sanity is checked:
 every timing positive and ordered (min <= median <= max) with its rounds kept, every ratio taken round
-by round and ordered, and tiktoken's ids identical to the plain-Python encoder's. Benchmarks never fail on a number; a crash or wrong ids do fail here.
+by round and ordered, and tiktoken's ids identical to the plain-Python encoder's. Benchmarks never fail
+on a number; a crash or wrong ids do fail here.
 """
 
 import importlib
@@ -257,3 +258,9 @@ def test_step_profile_puts_each_op_in_its_part():
     assert prof["gpt"]["attention"] > 0 and prof["no_attention"]["attention"] == 0
     for parts in prof.values():
         assert parts["matmul"] > 0 and parts["optimizer"] > 0 and parts["other"] > 0
+
+
+def test_a_ratio_shows_its_spread_or_none_for_older_results():
+    report = from_benchmarks("report")
+    assert report._ratio({"median": 0.8, "min": 0.75, "max": 0.9}) == "0.80x (0.75-0.90)"
+    assert report._ratio({"median": 1.5, "min": None, "max": None}, ".1f") == "1.5x"  # no rounds kept
