@@ -91,11 +91,12 @@ def step_profile(models: dict, batch, train_cfg: TrainConfig, rounds: int) -> di
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(name)
             for e in prof.events():
-                parts[name][_part(e)] += e.self_cpu_time_total * 1e-6 / rounds
+                parts[name][op_part(e)] += e.self_cpu_time_total * 1e-6 / rounds
     return parts
 
 
-def _part(event) -> str:
+def op_part(event) -> str:
+    """The part of a step a profiled op's own time belongs to (see step_profile)."""
     if event.name in MATMUL_OPS:
         return "matmul"
     if "scaleddotproduct" in event.name.lower().replace("_", ""):  # the kernels and their autograd nodes

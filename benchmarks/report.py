@@ -101,7 +101,24 @@ def generation_rows(gen: dict) -> list[tuple]:
                  f"({b['time']['recompute']['n']} repeats)",
                  f"{_rate(tokens, b['time']['kv_cache'], 'tok/s')} vs {_rate(tokens, b['time']['recompute'], 'tok/s')}",
                  _ratio(b["speedup"], ".1f"), _mark(gen["targets"]["kv_cache_speedup_longest_batched"])))
+    if "token_profile" in gen:  # bench.json files from before it lack it
+        rows.append(_token_profile_row(gen["token_profile"]))
     return rows
+
+
+def _token_profile_row(tp: dict) -> tuple:
+    """Where a cached token's time goes (bench_generation.token_profile), against its arithmetic."""
+    parts = {k: v for k, v in tp["seconds_per_token"].items() if v > 0}
+    total = sum(parts.values())
+    arithmetic = tp["matmul_flops_per_token"] / tp["matmul_peak_flops"]
+    return (f"generation: where a cached token's time goes (batch 1, {tp['tokens']} tokens, torch.profiler, "
+            "self CPU time)",
+            f"{1e3 * total:.2f} ms a token: {tp['python_calls_per_token']:.0f} operator calls from Python, "
+            f"{tp['calls_per_token']:,.0f} in all; " + ", ".join(f"{PART_NAMES[k]} {1e3 * v:.2f} ms ({v / total:.0%})"
+                                                             for k, v in parts.items())
+            + f". Its matmuls' {tp['matmul_flops_per_token'] / 1e6:.1f} MFLOP would take {1e6 * arithmetic:.0f} us "
+              f"at the matmul peak ({tp['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)",
+            f"{total / arithmetic:,.0f}x its arithmetic", "")
 
 
 def lora_rows(lo: dict) -> list[tuple]:

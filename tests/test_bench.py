@@ -135,6 +135,16 @@ def test_generation_caps_lengths_by_the_context(bench):
     assert all(g["speedup"]["median"] > 0 for g in gen["lengths"])
     assert gen["batched"]["new_tokens"] == ctx - 1 and gen["batched"]["batch_size"] == 4
     assert set(gen["targets"]) == {"kv_cache_speedup_longest", "kv_cache_speedup_longest_batched"}
+    tp = gen["token_profile"]  # a cached token taken apart: its operator calls and where its time goes
+    assert tp["tokens"] == ctx - 1 and 0 < tp["python_calls_per_token"] < tp["calls_per_token"]
+    assert tp["seconds_per_token"]["matmul"] > 0 and tp["seconds_per_token"]["attention"] > 0
+    assert tp["seconds_per_token"]["optimizer"] == 0  # nothing trains while decoding
+    assert tp["matmul_peak_flops"] > 0
+    # 2 FLOPs per matmul weight: a third of the training count's 6 N, its attention term set aside
+    from microlm.model import GPT, GPTConfig
+    c = GPTConfig(vocab_size=bench[0]["tokenizer"]["vocab"]["n_vocab"], **bench[0]["settings"]["model"])
+    attention = 12 * c.n_layers * c.d_model * c.context_length
+    assert tp["matmul_flops_per_token"] == (GPT(c).flops_per_token() - attention) / 3
 
 
 def test_lora_compares_step_memory_and_latency(bench):
@@ -156,7 +166,7 @@ def test_markdown_table_marks_targets_and_is_printed(bench):
     _, md, stdout = bench
     assert "| benchmark | measured: median (min-max) | ratio | target |" in md
     assert md.count(": met") + md.count(": NOT met") == 9  # every target of the issue, marked
-    assert md.count("where a step's time goes") == 1
+    assert md.count("where a step's time goes") == 1 and md.count("where a cached token's time goes") == 1
     assert md in stdout
 
 
