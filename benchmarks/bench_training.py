@@ -30,7 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from baseline import BaselineGPT
-from microlm.compare import step_cost
+from microlm.compare import step_cost, training_step
 from microlm.model import GPT, GPTConfig
 from microlm.train import TrainConfig, make_optimizer, masked_loss, matmul_peak_flops
 from timing import paired_ratio, target
@@ -74,22 +74,14 @@ def step_profile(models: dict, batch, train_cfg: TrainConfig, rounds: int) -> di
     inside AdamW's step or zero_grad) or `other` (element-wise ops, reductions, copies, views and
     allocations, autograd's own bookkeeping). The profiler adds a few microseconds to every op, so parts made of many
     small ops (`other`) read high: compare the models part by part, not with the step_cost timings."""
-    x, y = batch
     opts = {name: make_optimizer(m, train_cfg) for name, m in models.items()}
     parts = {name: dict.fromkeys(PROFILE_PARTS, 0.0) for name in models}
-
-    def step(name):
-        models[name].train()
-        masked_loss(models[name](x), y).backward()
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
-
-    for name in models:
-        step(name)  # warm-up: AdamW creates its state on the first step
+    for name, m in models.items():
+        training_step(m, opts[name], *batch)  # warm-up: AdamW creates its state on the first step
     for _ in range(rounds):
-        for name in models:
+        for name, m in models.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step(name)
+                training_step(m, opts[name], *batch)
             for e in prof.events():
                 parts[name][op_part(e)] += e.self_cpu_time_total * 1e-6 / rounds
     return parts

@@ -3,6 +3,8 @@ a ratio as the median of the rounds' ratios, (min-max) of them beside it."""
 
 from __future__ import annotations
 
+from microlm.evaluate import format_ratio as _ratio  # a paired ratio: median, (min-max) of the rounds
+
 
 def _mark(t: dict | None) -> str:
     if not t:
@@ -14,13 +16,6 @@ def _rate(amount: float, timing: dict, unit: str, fmt: str = ",.0f") -> str:
     """amount per second from a timing, median with the spread: the slowest repeat gives the lowest rate."""
     return (f"{amount / timing['median_s']:{fmt}} {unit} "
             f"({amount / timing['max_s']:{fmt}}-{amount / timing['min_s']:{fmt}})")
-
-
-def _ratio(r: dict, fmt: str = ".2f", unit: str = "x") -> str:
-    """A paired ratio (timing.paired_ratio): the median of the rounds' ratios, (min-max) of them beside it
-    (none for results written before the rounds were kept)."""
-    spread = f" ({r['min']:{fmt}}-{r['max']:{fmt}})" if r["min"] is not None else ""
-    return f"{r['median']:{fmt}}{unit}{spread}"
 
 
 def _ms(timing: dict, per: float = 1.0) -> str:
@@ -101,8 +96,7 @@ def generation_rows(gen: dict) -> list[tuple]:
                  f"({b['time']['recompute']['n']} repeats)",
                  f"{_rate(tokens, b['time']['kv_cache'], 'tok/s')} vs {_rate(tokens, b['time']['recompute'], 'tok/s')}",
                  _ratio(b["speedup"], ".1f"), _mark(gen["targets"]["kv_cache_speedup_longest_batched"])))
-    if "token_profile" in gen:  # bench.json files from before it lack it
-        rows.append(_token_profile_row(gen["token_profile"]))
+    rows.append(_token_profile_row(gen["token_profile"]))
     return rows
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_json, save_json
-from .evaluate import logits_of, max_abs_diff, paired_ratio, per_token_latency, timing_stats
+from .evaluate import (format_ratio, logits_of, max_abs_diff, paired_ratio, per_token_latency,
+                       timing_stats)
 from .finetune import (accuracy, fitting, fixed_batches, load_lora_run, lora_config_from_dict, packing_context,
                        prepare_model, read_sft_jsonl, run_finetune, sft_batch, split_user_examples, training_memory)
 from .lora import lora_layers, merge_and_unload, merge_lora
@@ -62,6 +63,15 @@ def count_trainable(base: torch.nn.Module, targets, r: int) -> int:
                if isinstance(m, torch.nn.Linear) and (targets is None or name.rsplit(".", 1)[-1] in targets))
 
 
+def training_step(model, opt, x, y) -> None:
+    """One optimizer step on (x, y): forward, loss, backward, AdamW step (training's loop adds
+    clipping and logging around it)."""
+    model.train()
+    masked_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def step_cost(models: dict, batch, cfg: TrainConfig, repeats: int = 9) -> dict:
     """Seconds per optimizer step of each model on the same batch, the models taking turns after two
     warm-up rounds: timing_stats per model (median, min, max and the rounds' timings)."""
@@ -70,11 +80,8 @@ def step_cost(models: dict, batch, cfg: TrainConfig, repeats: int = 9) -> dict:
     x, y = batch
     for i in range(repeats + 2):
         for name, m in models.items():
-            m.train()
             t = time.perf_counter()
-            masked_loss(m(x), y).backward()
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
+            training_step(m, opts[name], x, y)
             if i >= 2:  # two warm-up steps
                 times[name].append(time.perf_counter() - t)
     return {name: timing_stats(ts) for name, ts in times.items()}
@@ -184,10 +191,7 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     return res
 
 
-def format_ratio(r: dict, fmt: str = ".2f") -> str:
-    """A paired_ratio as '0.93x (0.90-0.96 across rounds)', or '0.93x' where the rounds were not kept."""
-    spread = f" ({r['min']:{fmt}}-{r['max']:{fmt}} across rounds)" if r["min"] is not None else ""
-    return f"{r['median']:{fmt}}x{spread}"
+ROUNDS = " across rounds"  # how the table's ratios say what their range is
 
 
 def compare_table(res: dict) -> str:
@@ -196,6 +200,7 @@ def compare_table(res: dict) -> str:
     lat = {k: v["median_s"] for k, v in res["latency_per_token"].items()}
     step = {k: v["median_s"] for k, v in res["train_step"].items()}
     vs_base = {k: paired_ratio(v, res["latency_per_token"]["base"]) for k, v in res["latency_per_token"].items()}
+    shown = {k: format_ratio(r, ".3f", note=ROUNDS) for k, r in vs_base.items()}
     step_ratio = paired_ratio(res["train_step"]["lora"], res["train_step"]["full"])
     mem = {k: v["total"] for k, v in res["train_memory_bytes"].items()}
     full = acc.get("full_finetune")
@@ -226,13 +231,13 @@ def compare_table(res: dict) -> str:
             for d in res["greedy_differing"][:3])),
         ("latency per token: base / merged (merge_and_unload) / merged in place / unmerged",
          f"{1e3 * lat['base']:.2f} / {1e3 * lat['merged']:.2f} / {1e3 * lat['merged_in_place']:.2f} / "
-         f"{1e3 * lat['unmerged']:.2f} ms (medians); merged {format_ratio(vs_base['merged'], '.3f')} base "
-         f"(target <= 1.03: {mark(vs_base['merged']['median'] <= 1.03)}), in place "
-         f"{format_ratio(vs_base['merged_in_place'], '.3f')}, unmerged {format_ratio(vs_base['unmerged'], '.3f')}"),
+         f"{1e3 * lat['unmerged']:.2f} ms (medians); merged {shown['merged']} base (target <= 1.03: "
+         f"{mark(vs_base['merged']['median'] <= 1.03)}), in place {shown['merged_in_place']}, "
+         f"unmerged {shown['unmerged']}"),
         ("adapter file vs model file (fp32)", f"{res['files']['adapter_bytes'] / 1024:.1f} KiB vs "
          f"{res['files']['model_bytes'] / 1024:.1f} KiB ({res['files']['ratio']:.2%})"),
         ("training step, LoRA vs full", f"{1e3 * step['lora']:.1f} vs {1e3 * step['full']:.1f} ms (medians); "
-                                        f"{format_ratio(step_ratio)}"),
+                                        f"{format_ratio(step_ratio, note=ROUNDS)}"),
         ("training memory (tensors), LoRA vs full", f"{mem['lora'] / 2**20:.1f} vs {mem['full'] / 2**20:.1f} MiB "
                                                     f"({mem['lora'] / mem['full']:.2f}x)"),
     ]

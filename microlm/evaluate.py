@@ -238,6 +238,13 @@ def paired_ratio(num: dict, den: dict) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
+def format_ratio(r: dict, fmt: str = ".2f", unit: str = "x", note: str = "") -> str:
+    """A paired_ratio as '0.93x (0.90-0.96)' (with `note` after the range), or '0.93x' where the rounds
+    were not kept."""
+    spread = f" ({r['min']:{fmt}}-{r['max']:{fmt}}{note})" if r["min"] is not None else ""
+    return f"{r['median']:{fmt}}{unit}{spread}"
+
+
 @torch.inference_mode()  # as generate
 def decode(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     """Greedy decoding's work with the tokens fixed: prefill `prompt` (1, t0) into a KV cache, then feed
