@@ -45,7 +45,7 @@ sample: $(STAMP) ## print five stories sampled from runs/pretrain, each scored b
 notebooks: $(NBSTAMP) ## re-execute the teaching notebooks in place (full setting; MICROLM_FAST=1 for a quick run)
 	$(PY) notebooks/build_notebooks.py --execute
 
-bench: $(STAMP) ## measure training, generation, LoRA and tokenizer speed side by side -> results/bench.json, results/bench.md and the README's table (ARGS=--quick: a fast check, README untouched)
+bench: $(STAMP) ## measure training, generation, LoRA and tokenizer speed side by side -> results/bench.json, results/bench.md and the README's table (ARGS=--quick: a fast check into runs/bench/, README and results/ untouched)
 	$(PY) benchmarks/run.py $(ARGS)
 
 test: $(NBSTAMP) ## run the test suite (installs the notebook runner too)

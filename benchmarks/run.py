@@ -16,9 +16,10 @@ timing.py says how: contenders take turns in one process, warm-up first, median 
 min and max. Targets from the issue are marked met or not; a benchmark never fails on a number. It
 exits non-zero only when a section crashes or tiktoken and plain Python disagree on the ids.
 Output: --out (JSON, written atomically) and --md (the markdown table, also printed). A run of every
-section also writes that table into the README, between two marker lines (report.README_START/END), so
-the README's numbers are always a whole run's; --quick, --only, --no-compile and --no-readme leave the
-README alone (readme_refusal says which).
+section writes them into results/ and the table into the README, between two marker lines
+(report.README_START/END), so the README's numbers are always a whole run's; --quick, --only,
+--no-compile and --no-readme leave the README and results/ alone (readme_refusal says which) and write
+into runs/bench/.
 """
 
 from __future__ import annotations
@@ -84,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Targets are from issue 5; they are reported, never enforced.")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds: checks that everything runs; "
                                                         "the numbers mean nothing")
-    # Defaults in the repository, wherever the command runs from: the README's table must be this bench.md.
-    p.add_argument("--out", default=str(ROOT / "results" / "bench.json"),
-                   help="JSON results (default: results/bench.json in the repository)")
-    p.add_argument("--md", default=str(ROOT / "results" / "bench.md"),
-                   help="markdown table (default: results/bench.md in the repository)")
+    # Defaults in the repository, wherever the command runs from. results/ holds what the README shows, so
+    # only a run that writes the README writes there by default; the others go to runs/bench/.
+    p.add_argument("--out", default=None, help="JSON results (default: results/bench.json in the repository for "
+                   "a run that also writes the README, runs/bench/bench.json for the others)")
+    p.add_argument("--md", default=None, help="markdown table (default: bench.md beside the JSON's default)")
     p.add_argument("--only", default=None, help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 7, --quick 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, usually one "
@@ -114,6 +115,13 @@ def readme_refusal(args: argparse.Namespace) -> str | None:
     return None
 
 
+def output_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """--out and --md, or their defaults: results/ for a run that writes the README (results/bench.md is
+    the README's table), runs/bench/ for any other, whose numbers must not pass for the README's."""
+    folder = ROOT / ("results" if readme_refusal(args) is None else "runs/bench")
+    return args.out or str(folder / "bench.json"), args.md or str(folder / "bench.md")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     sections = [s.strip() for s in (args.only or ",".join(SECTIONS)).split(",") if s.strip()]
@@ -124,6 +132,7 @@ def main(argv=None) -> int:
     if args.threads is not None and args.threads < 1:
         build_parser().error(f"--threads must be >= 1, got {args.threads}")
     refusal = readme_refusal(args)
+    args.out, args.md = output_paths(args)
     if refusal is None:  # the markers are checked now, not after minutes of measuring
         try:
             readme_with_table(Path(args.readme).read_text(encoding="utf-8"), "", args.readme)

@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,10 +30,12 @@ def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; on success rename it to `path`, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # a new name, created with the umask's mode
+    mode = tmp.stat().st_mode
     try:
-        yield Path(tmp)
+        yield tmp
+        os.chmod(tmp, mode)  # that mode again: some writers (safetensors) make their file owner-only
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

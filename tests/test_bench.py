@@ -241,6 +241,12 @@ def test_only_a_full_run_may_write_the_readme(flags, refusal):
     run = from_benchmarks("run")
     got = run.readme_refusal(run.build_parser().parse_args(flags))
     assert got is None if refusal is None else got.startswith(refusal), got
+    # results/ holds the README's table and its JSON: a run that leaves the README alone writes elsewhere
+    out, md = run.output_paths(run.build_parser().parse_args(flags))
+    folder = ROOT / ("results" if refusal is None else "runs/bench")
+    assert (Path(out), Path(md)) == (folder / "bench.json", folder / "bench.md")
+    given = run.build_parser().parse_args([*flags, "--out", "a.json", "--md", "a.md"])
+    assert run.output_paths(given) == ("a.json", "a.md")
 
 
 def test_full_run_with_a_readme_lacking_markers_stops_before_measuring(tmp_path):

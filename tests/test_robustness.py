@@ -202,6 +202,21 @@ def test_every_file_is_written_aside_and_renamed_so_a_kill_keeps_the_previous_on
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", ["weights", "json", "adapter", "plot"])
+def test_a_file_written_aside_gets_the_mode_of_a_new_file_not_the_temporary_files_owner_only_one(tmp_path, kind):
+    old = os.umask(0o022)
+    try:
+        _write(kind, tmp_path, version=0)
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives under the same umask
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o644
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert p.stat().st_mode & 0o777 == want, p
+
+
 def test_a_metrics_line_cut_off_by_a_kill_is_dropped_and_a_damaged_one_is_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')  # killed while appending step 3
