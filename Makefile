@@ -27,12 +27,12 @@ $(NBSTAMP): $(STAMP) requirements-notebooks.txt
 venv: $(STAMP) ## create .venv and install the pinned requirements (torch 2.13.0 CPU)
 
 pretrain: $(STAMP) ## build the story corpus, train the tokenizer and the GPT into runs/pretrain (ARGS=... for more flags)
-	@if [ -f runs/pretrain/model.safetensors ] && [ -z "$(ARGS)" ]; then \
+	@if [ -f runs/pretrain/summary.json ] && [ -z "$(ARGS)" ]; then \
 	  echo "runs/pretrain is already trained (make pretrain ARGS=--overwrite trains it again)"; \
 	else $(VENV)/bin/microlm pretrain $(ARGS); fi
 
 lora-finetune: $(STAMP) ## LoRA r=8 on the question set, the full fine-tune baseline, and their comparison (runs/lora, runs/full)
-	@test -f runs/pretrain/model.safetensors || $(MAKE) --no-print-directory pretrain
+	@test -f runs/pretrain/summary.json || $(MAKE) --no-print-directory pretrain
 	@if [ -f runs/lora/compare.json ] && [ -z "$(ARGS)" ]; then \
 	  echo "runs/lora is already compared (make lora-finetune ARGS=--overwrite runs it again)"; \
 	else $(VENV)/bin/microlm lora-finetune $(ARGS) \

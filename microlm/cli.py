@@ -489,6 +489,12 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: checkpoint saved at step {e.step}; continue with the same command plus --resume",
               file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside the training loop: building data, sampling, evaluating, comparing
+        hint = ("; a run folder that was started continues with the same command plus --resume"
+                if args.command in ("pretrain", "finetune", "lora-finetune") else "")
+        print(f"\ninterrupted: every file written so far is whole (each is written aside, then renamed){hint}",
+              file=sys.stderr)
+        return 130
     except (UsageError, CorpusError, CheckpointError, SFTDataError, TrainingDiverged, ValueError, OSError,
             RuntimeError) as e:
         if os.environ.get("MICROLM_DEBUG"):

@@ -123,6 +123,23 @@ def test_ctrl_c_on_a_real_process_then_resume_ends_with_the_same_weights(tmp_pat
     assert (cut / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
 
 
+def test_ctrl_c_after_training_says_how_to_finish_and_resume_finishes_the_run(run, tmp_path, capsys, monkeypatch):
+    import microlm.cli
+    args = ["--run-dir", str(tmp_path / "r"), "--data-dir", str(run / "data"), *TINY]
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(microlm.cli, "finish_pretrain", ctrl_c)  # while sampling and evaluating the trained model
+        assert main(["pretrain", *args]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted" in err and "--resume" in err
+    assert not (tmp_path / "r" / "summary.json").exists()  # what `make pretrain` takes for a finished run
+    assert main(["pretrain", "--resume", *args]) == 0
+    assert (tmp_path / "r" / "summary.json").is_file()
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == (run / "run" / "model.safetensors").read_bytes()
+
+
 def test_stock_gpt2_tokenizer_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     assert main(["pretrain", "--tokenizer", "gpt2", "--run-dir", str(tmp_path / "r"),
