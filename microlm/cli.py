@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="print a run's results as a markdown table (for the README)",
                          description="Read summary.json of a finished run and print its results as markdown.")
-    rep.add_argument("--run-dir", default="runs/pretrain", help="a finished run folder (default: runs/pretrain)")
+    rep.add_argument("--run-dir", default="runs/pretrain", help="a finished run folder: pretraining, or a LoRA or "
+                     "full fine-tune (runs/lora, runs/full) (default: runs/pretrain)")
     return p
 
 
@@ -388,7 +389,20 @@ def cmd_sample(args) -> int:
 
 def cmd_report(args) -> int:
     run_dir = Path(args.run_dir)
-    s = load_json(run_dir / "summary.json", "run summary (is the run finished?)")
+    path = run_dir / "summary.json"
+    s = load_json(path, "run summary (is the run finished?)")
+    try:
+        rows = finetune_rows(s) if s.get("kind") in ("lora", "full") else pretrain_rows(s)
+    except (KeyError, TypeError, ValueError) as e:  # a value missing, or of the wrong type
+        raise CheckpointError(f"{path}: cannot read {e} from it; the file is damaged or was not written by this "
+                              "version of microlm") from None
+    print(f"| {run_dir} | |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    return 0
+
+
+def pretrain_rows(s: dict) -> list[tuple[str, str]]:
     rows = [("validation loss", f"{s['val_loss']:.4f} nats/token (perplexity {s['val_ppl']:.3f})"),
             ("validation bits/char", f"{s['val_bpc']:.4f}")]
     if "bound_bpc" in s:
@@ -402,14 +416,24 @@ def cmd_report(args) -> int:
         rows.append((f"look-up: {name}", f"{c['accuracy']:.1%} of {c['total']} restated facts"))
     for what, p in s.get("key_probes", {}).items():
         rows.append((f"probe: {PROBE_LABELS[what]}", probe_row(p)))
-    rows += [("training", f"{s['steps']} steps, {s['tokens_seen']:,} tokens, {s['train_seconds']:.0f} s"),
-             ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s"),
-             ("model FLOP utilisation", f"{s['mfu']:.1%} of {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
-                                        "(fp32 matmul peak measured in the same process)")]
-    print(f"| {run_dir} | |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
-    return 0
+    return rows + [("training", f"{s['steps']} steps, {s['tokens_seen']:,} tokens, {s['train_seconds']:.0f} s"),
+                   ("throughput", f"{s['tokens_per_s']:,.0f} tokens/s"),
+                   ("model FLOP utilisation", f"{s['mfu']:.1%} of {s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+                                              "(fp32 matmul peak measured in the same process)")]
+
+
+def finetune_rows(s: dict) -> list[tuple[str, str]]:
+    """A LoRA or full fine-tuning run's summary (`microlm compare` sets the two side by side)."""
+    base = s["total_params"] - s["trainable_params"] if s["kind"] == "lora" else s["total_params"]  # + the adapter
+    kinds = ", ".join(f"{k} {v:.1%}" for k, v in sorted(s.get("accuracy_by_kind", {}).items()))
+    return [("fine-tuning", "LoRA" if s["kind"] == "lora" else "full (every weight)"),
+            (f"exact match, {s['n_val']} held-out questions", f"{s['accuracy']:.1%} (the base model: "
+                                                              f"{s['base_accuracy']:.1%})" + (f"; {kinds}" if kinds else "")),
+            ("held-out answer loss", f"{s['val_loss']:.4f} nats/token"),
+            ("trainable parameters", f"{s['trainable_params']:,} ({s['trainable_params'] / base:.2%} of the base "
+                                     f"model's {base:,})"),
+            ("training", f"{s['steps']} steps on {s['n_train']:,} questions, {s['train_seconds']:.0f} s "
+                         f"({s['step_seconds'] * 1e3:.1f} ms a step)")]
 
 
 # ---- fine-tuning -------------------------------------------------------------------------------

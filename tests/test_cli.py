@@ -91,6 +91,19 @@ def test_a_run_of_an_older_story_world_is_refused_with_what_to_do(run, tmp_path,
     assert str(old) in err and "another microlm version" in err and "make pretrain ARGS=--overwrite" in err
 
 
+def test_report_prints_the_run_as_a_table_and_names_a_damaged_summary(run, tmp_path, capsys):
+    assert main(["report", "--run-dir", str(run / "run")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "run" / "summary.json").read_text())
+    assert out.startswith(f"| {run / 'run'} | |\n|---|---|\n")
+    assert f"| model / bound | {summary['bpc_over_bound']:.3f} (target <= 1.15: " in out
+    assert f"| valid samples (T = 1.0) | {summary['sample_validity']:.1%} of 4 " in out
+    (tmp_path / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_ppl"}))
+    assert main(["report", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "summary.json" in err and "val_ppl" in err and "damaged" in err
+
+
 def test_sample_from_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["sample", "--run-dir", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -121,6 +121,16 @@ def test_compare_measures_merged_against_unmerged(runs, capsys):
 # ---- errors ------------------------------------------------------------------------------------
 
 
+def test_report_reads_lora_and_full_fine_tuning_runs(runs, capsys):
+    for kind in ("lora", "full"):
+        summary = json.loads((runs / kind / "summary.json").read_text())
+        assert main(["report", "--run-dir", str(runs / kind)]) == 0
+        out = capsys.readouterr().out
+        assert f"| exact match, 10 held-out questions | {summary['accuracy']:.1%} (the base model: " in out
+        base = summary["total_params"] - summary["trainable_params"] if kind == "lora" else summary["total_params"]
+        assert f"| trainable parameters | {summary['trainable_params']:,} (" in out and f"{base:,})" in out
+
+
 def test_a_malformed_sft_line_is_named(runs, tmp_path, capsys):
     bad = tmp_path / "my.jsonl"
     bad.write_text('{"prompt": "Q: hi\\nA:", "response": " yes"}\n{"prompt": "no response"}\n')
