@@ -29,8 +29,10 @@ from .runs import load_run
 from .train import TrainConfig, make_optimizer, masked_loss
 
 RANKS = (1, 2, 4, 8, 16, 32)
+# "all linear" as in PEFT: every linear of the blocks, not lm_head (tied to the embedding here: apply_lora_to_model
+# refuses it, since merging would change the embedding too).
 TARGET_SETS = {"q, v": ("q_proj", "v_proj"), "q, k, v, output": ("q_proj", "k_proj", "v_proj", "output_proj"),
-               "all linear": None}
+               "all linear": ("q_proj", "k_proj", "v_proj", "output_proj", "gate_proj", "up_proj", "down_proj")}
 # Larger models, for scale: (name, d_model, n_layers, total parameters). LoRA on q, k, v, output adds
 # r * (d + d) per matrix, 4 matrices per layer.
 REFERENCE_SHAPES = (("GPT-2 small", 768, 12, 124_439_808), ("LLaMA-7B", 4096, 32, 6_738_415_616))
@@ -58,9 +60,9 @@ def differing_answers(model, tokenizer, examples, answers_a, answers_b) -> list[
 
 
 def count_trainable(base: torch.nn.Module, targets, r: int) -> int:
-    """Parameters LoRA would train: r * (d_in + d_out) for every targeted nn.Linear (None: all of them)."""
+    """Parameters LoRA would train: r * (d_in + d_out) for every targeted nn.Linear."""
     return sum(r * (m.in_features + m.out_features) for name, m in base.named_modules()
-               if isinstance(m, torch.nn.Linear) and (targets is None or name.rsplit(".", 1)[-1] in targets))
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
 def training_step(model, opt, x, y) -> None:
@@ -99,6 +101,12 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     lora_cfg = lora_config_from_dict(run_config["lora"])
     model, tokenizer, _, _ = load_lora_run(lora_dir)
     base, _, _ = load_run(run_config["base"])
+    # The sweep's ranks are checked now, not after minutes of measuring (apply_lora_to_model's own bound)
+    max_r = min(min(m.in_features, m.out_features) for n, m in base.named_modules()
+                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in lora_cfg.targets)
+    if bad := sorted(r for r in set(sweep_ranks) if not 1 <= r <= max_r):
+        raise ValueError(f"--sweep-ranks: {bad} out of range: a LoRA rank on {', '.join(lora_cfg.targets)} of this "
+                         f"model must be in [1, {max_r}]")
     examples, encoded, _ = fitting(tokenizer, heldout_examples(run_config), model.config.context_length)
     batches = [(x, n) for x, _, n in fixed_batches(encoded, tokenizer.eot_id)]
     res: dict = {"n_heldout": len(examples), "lora": dataclasses.asdict(lora_cfg)}

@@ -345,14 +345,20 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
     """Fold a LoRA run's adapter into its base and write a standalone model folder."""
     from .checkpoint import save_weights
     from .lora import lora_layers, merge_and_unload
-    from .runs import check_run_dir, prepare_run_dir, provenance
-    check_run_dir(Path(out_dir), resume=False, overwrite=overwrite)
+    from .runs import UsageError, check_run_dir, prepare_run_dir, provenance
+    check_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     model, tokenizer, base_config, run_config = load_lora_run(lora_dir, "cpu", base_dir)
-    prepare_run_dir(Path(out_dir), resume=False, overwrite=overwrite)
+    base_dir = base_dir or run_config.get("base")
+    out = Path(out_dir).resolve()
+    for what, folder in (("the adapter's run folder", lora_dir), ("its base model's folder", base_dir)):
+        if out == Path(folder).resolve() or out in Path(folder).resolve().parents:
+            raise UsageError(f"--out {out_dir} is or holds {what} ({folder}): the merged model would replace its own "
+                             "input; choose another --out")
+    prepare_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     merge_and_unload(model)
     assert not lora_layers(model)
     config = {k: base_config[k] for k in ("model", "data", "tokenizer") if k in base_config}
-    config["merged_from"] = {"adapter": str(lora_dir), "base": str(base_dir or run_config.get("base")),
+    config["merged_from"] = {"adapter": str(lora_dir), "base": str(base_dir),
                              "lora": run_config.get("lora")}
     tokenizer.save(Path(out_dir) / "tokenizer.json")
     save_weights(Path(out_dir) / "model.safetensors", model)

@@ -112,6 +112,15 @@ def apply_lora_to_model(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, a
                          f"{linear_names}")
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; load a fresh base model")
+    # A weight shared by two modules (lm_head tied to the embedding) would take the delta into both when merged.
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets and len(names[id(m.weight)]) > 1:
+            others = [n for n in names[id(m.weight)] if n != f"{name}.weight"]
+            raise ValueError(f"LoRA target {name!r} shares its weight with {', '.join(others)} (tied embeddings): "
+                             "merging would add the delta to both; leave it out of the targets")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in list(model.named_modules()):

@@ -48,9 +48,10 @@ RUN_FILES = ("config.json", "checkpoint", "checkpoint.old", "checkpoint.tmp", "t
              "model.safetensors", "adapter")
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, flag: str = "--run-dir") -> None:
     """Refuse to mix two runs in one folder unless told to continue (--resume) or replace (--overwrite).
-    A folder that holds other files is never written into, nor deleted by --overwrite."""
+    A folder that holds other files is never written into, nor deleted by --overwrite. flag: the option
+    that named the folder (`merge` has --out and no --resume)."""
     run_dir = Path(run_dir)
     holds_run = any((run_dir / name).exists() for name in RUN_FILES)
     if resume and overwrite:
@@ -63,13 +64,14 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                          f"{', ...' if len(others) > 3 else ''}); microlm neither mixes its files with others nor "
                          "deletes them: choose a new or empty folder")
     if holds_run and not (resume or overwrite):
-        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                         "replace it, or choose another --run-dir")
+        resume_hint = "--resume to continue it, " if flag == "--run-dir" else ""
+        raise UsageError(f"{run_dir} already holds a run; pass {resume_hint}--overwrite to replace it, or choose "
+                         f"another {flag}")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, flag: str = "--run-dir") -> None:
     """check_run_dir, then empty the folder for --overwrite and make sure it exists."""
-    check_run_dir(run_dir, resume, overwrite)
+    check_run_dir(run_dir, resume, overwrite, flag)
     if overwrite and Path(run_dir).exists():
         shutil.rmtree(run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,28 @@ def test_an_adapter_is_refused_on_another_base(runs, capsys):
     assert "trained on another base model" in capsys.readouterr().err
 
 
+def test_merge_never_replaces_its_own_inputs_and_names_its_own_flags(runs, tmp_path, capsys):
+    for out in (runs / "lora", runs / "base"):  # --overwrite would have deleted them
+        assert main(["merge", "--adapter", str(runs / "lora"), "--out", str(out), "--overwrite"]) == 2
+        assert "would replace its own input; choose another --out" in capsys.readouterr().err
+    assert (runs / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (runs / "base" / "model.safetensors").is_file()
+    assert main(["merge", "--adapter", str(runs / "lora"), "--out", str(tmp_path / "m")]) == 0
+    assert main(["merge", "--adapter", str(runs / "lora"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace it, or choose another --out" in err and "--resume" not in err
+
+
+def test_compare_refuses_sweep_ranks_out_of_range_before_measuring(runs, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (runs / "lora").rglob("*")}
+    for ranks in ("0", "2,17"):  # d_model 16 bounds the rank
+        assert main(["compare", "--lora", str(runs / "lora"), "--full", "none", "--sweep-ranks", ranks,
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "--sweep-ranks" in err and "must be in [1, 16]" in err
+    assert {p: p.stat().st_mtime_ns for p in (runs / "lora").rglob("*")} == before  # nothing written
+
+
 def test_compare_on_a_folder_that_is_not_a_lora_run_says_so(runs, capsys):
     assert main(["compare", "--lora", str(runs / "full"), "--full", "none"]) == 2
     assert "is not a LoRA run" in capsys.readouterr().err

@@ -134,6 +134,23 @@ def test_bad_targets_and_ranks_name_what_exists():
         apply_lora_to_model(base_model(), r=0)
 
 
+def test_a_tied_lm_head_is_refused_and_an_untied_one_merges_into_itself_only():
+    model = base_model()
+    assert model.lm_head.weight is model.tok_emb.weight  # tied: merging into lm_head would change the embedding
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with tok_emb\.weight"):
+        apply_lora_to_model(model, targets=("q_proj", "lm_head"))
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # refused before any change
+    torch.manual_seed(0)
+    untied = GPT(GPTConfig(**{**CFG, "tie_embeddings": False})).eval()
+    embedding = untied.tok_emb.weight.clone()
+    apply_lora_to_model(untied, targets=("q_proj", "lm_head"), r=2, alpha=4)
+    randomise_adapter(untied)
+    expected = untied(X)
+    merge_lora(untied)
+    torch.testing.assert_close(untied(X), expected, atol=1e-5, rtol=0)
+    assert torch.equal(untied.tok_emb.weight, embedding)
+
+
 def test_parameter_report():
     model = apply_lora_to_model(base_model(), targets=("q_proj", "v_proj"), r=2, alpha=4)
     trainable = 2 * 2 * (2 * 32 * 2)  # 2 blocks x 2 targets x (A + B)
