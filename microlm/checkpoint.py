@@ -89,9 +89,14 @@ def unique_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict | None = None) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(unique_tensors(module), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict | None = None) -> None:
+    save_tensors(path, unique_tensors(module), metadata)
 
 
 def read_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -134,10 +139,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 def save_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> dict:
     """Optimizer tensors to safetensors; returns the JSON-able rest (param groups)."""
     sd = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous().reshape(v.shape)
-               for i, state in sd["state"].items() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+    save_tensors(path, {f"{i}.{k}": v for i, state in sd["state"].items() for k, v in state.items()})
     return {"param_groups": sd["param_groups"]}
 
 

@@ -87,7 +87,10 @@ def encode_documents(tokenizer, docs: list[str]) -> np.ndarray:
 
 def window_batch(stream: np.ndarray, batch_size: int, context: int, seed: int, step: int):
     """Random windows for training step `step`. The positions come from (seed, step) alone, so a run
-    resumed at step s draws exactly the batches an uninterrupted run would have drawn."""
+    resumed at step s draws exactly the batches an uninterrupted run would have drawn.
+    Known off-by-one, kept: starts are drawn from 0 .. len - context - 2, so the last window (start
+    len - context - 1, whose last target is the stream's last token) is never drawn. Fixing the bound
+    changes every draw, and so every result the README reports, to add one start in six million."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(stream) - context - 1, (batch_size,), generator=g).numpy()
     rows = np.stack([stream[s: s + context + 1] for s in starts]).astype(np.int64)

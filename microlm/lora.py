@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import (CheckpointError, atomic_path, check_keys, fingerprint, load_json, read_tensors, save_json,
+from .checkpoint import (CheckpointError, check_keys, fingerprint, load_json, read_tensors, save_json, save_tensors,
                          unique_tensors)
 from .runs import sha256_file
 
@@ -192,7 +192,6 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, folder: str | Path) -> dict:
     """adapter_config.json + adapter_model.safetensors (A and B only). Returns the config."""
-    from safetensors.torch import save_file
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -200,8 +199,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(model)
-    with atomic_path(folder / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    save_tensors(folder / "adapter_model.safetensors", tensors)
     # Each file is replaced atomically, but not the two together: the config, written last, names the
     # weights by their hash, so a crash between the two writes leaves a pair that load_adapter refuses.
     config = {"format": "microlm-lora", "r": first.r, "alpha": first.alpha, "use_rslora": first.use_rslora,
@@ -242,6 +240,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict:
     if not layers:
         raise CheckpointError(f"{folder}: the model has no LoRA layers; call apply_lora_to_model with "
                               f"r={config.get('r')} and targets={config.get('targets')} first")
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("unmerge the current adapter before loading another")
     first = next(iter(layers.values()))
     targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
     for key, mine in (("r", first.r), ("targets", targets), ("alpha", first.alpha), ("use_rslora", first.use_rslora)):
@@ -265,8 +265,6 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict:
                               "adapter_model.safetensors and adapter_config.json are from different runs")
     with torch.no_grad():
         for name, layer in layers.items():
-            if layer.merged:
-                raise RuntimeError("unmerge the current adapter before loading another")
             for ab in ("lora_A", "lora_B"):
                 t = tensors[f"{name}.{ab}.weight"]
                 if t.shape != getattr(layer, ab).weight.shape:

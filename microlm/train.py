@@ -3,7 +3,8 @@
 The loop knows nothing about where batches come from: it calls `get_batch(i)` for micro-batch i
 (inputs, targets with IGNORE where no loss is taken) and `evaluate(model)` for a dict of validation
 metrics. Because batch i depends on i alone, a run resumed from a checkpoint at step s sees exactly
-the batches an uninterrupted run would have seen, and ends with the same weights.
+the batches an uninterrupted run would have seen; the checkpoint also keeps the random generators'
+state (LoRA's dropout draws from them), so it ends with the same weights.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm  # the console bar; tqdm.auto would want ipywidgets in a notebook
 
 from .checkpoint import (CheckpointError, changed_settings, check_keys, load_json, load_optimizer, load_weights,
-                         replace_dir, save_json, save_optimizer, save_text, save_weights)
+                         read_tensors, replace_dir, save_json, save_optimizer, save_tensors, save_text, save_weights)
 from .data import IGNORE
 
 
@@ -67,7 +68,8 @@ class TrainConfig:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup then cosine decay. Convention: step 0 is the first update and gets lr/warmup,
-    so no step is wasted at lr 0; the last step (max_steps - 1) ends at lr * min_lr_ratio."""
+    so no step is wasted at lr 0; the last step (max_steps - 1) ends at lr * min_lr_ratio, unless the
+    warm-up takes all but one step or more (train() says so), when the run ends before any decay."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.max_steps - 1 - cfg.warmup_steps)
@@ -93,16 +95,20 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def matmul_peak_flops(n: int = 1024, repeats: int = 10) -> float:
-    """The machine's fp32 matmul speed, measured now: best of `repeats` (n x n) @ (n x n) products.
+def matmul_peak_flops(n: int = 1024, repeats: int = 10, device: torch.device | str = "cpu") -> float:
+    """The fp32 matmul speed of `device`, measured now: best of `repeats` (n x n) @ (n x n) products.
     Its own random generator: measuring leaves the global one, and so training, untouched."""
+    device = torch.device(device)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
     a @ b  # warm-up
+    sync()
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        sync()  # a GPU returns before the product is done
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -140,7 +146,10 @@ def train(
         step, tokens_seen, train_time = load_checkpoint(run_dir, model, opt, cfg)
     saved_step = step if resume else None  # the step of the last checkpoint on disk, for messages
     _trim_metrics(run_dir / "metrics.jsonl", step)
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(device=device)
+    if cfg.warmup_steps >= cfg.max_steps - 1:
+        print(f"note: --warmup-steps {cfg.warmup_steps} leaves none of the --max-steps {cfg.max_steps} for the "
+              f"decay: the learning rate ends at {lr_at(cfg.max_steps - 1, cfg):.3g} (--lr {cfg.lr:g})")
     last_eval: dict = {}
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
@@ -211,7 +220,7 @@ def train(
     tok_s = tokens_seen / train_time if train_time else 0.0
     # Measured again after training, keeping the faster: another process busy at one of the two moments
     # would otherwise make the peak look low and the utilisation high (it read 95% once).
-    peak = max(peak, matmul_peak_flops())
+    peak = max(peak, matmul_peak_flops(device=device))
     return {"steps": step, "tokens_seen": tokens_seen, "train_seconds": train_time, "tokens_per_s": tok_s,
             "flops_per_token": flops_per_token, "matmul_peak_flops": peak,
             "mfu": flops_per_token * tok_s / peak, **last_eval}
@@ -255,9 +264,29 @@ def save_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig, step: int, toke
     tmp.mkdir(parents=True, exist_ok=True)
     save_weights(tmp / "model.safetensors", model)
     groups = save_optimizer(tmp / "optimizer.safetensors", opt)
+    save_tensors(tmp / "rng_state.safetensors", rng_state(next(model.parameters()).device))
     save_json(tmp / "trainer_state.json", {"step": step, "tokens_seen": tokens, "train_seconds": seconds,
                                            "train_config": asdict(cfg), "optimizer": groups})
     replace_dir(tmp, run_dir / "checkpoint")
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global random generators a step draws from (LoRA's dropout): CPU's, and the model's device's.
+    Batches come from (seed, step) alone (data.window_batch), so they need no saving."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def load_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig) -> tuple[int, int, float]:
@@ -275,6 +304,11 @@ def load_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig) -> tuple[int, i
                               "the same settings")
     load_weights(ckpt / "model.safetensors", model)
     load_optimizer(ckpt / "optimizer.safetensors", opt, state["optimizer"])
+    if (ckpt / "rng_state.safetensors").exists():  # checkpoints written before it was saved have none
+        rng = read_tensors(ckpt / "rng_state.safetensors", "random generator state")
+        if "cpu" not in rng:
+            raise CheckpointError(f"{ckpt / 'rng_state.safetensors'}: no 'cpu' generator state; the file is damaged")
+        set_rng_state(rng, next(model.parameters()).device)
     return state["step"], state["tokens_seen"], state["train_seconds"]
 
 

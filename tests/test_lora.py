@@ -19,10 +19,12 @@ def base_model(seed=0, dtype=torch.float32):
 
 
 def randomise_adapter(model, seed=1):
-    # A fresh adapter has B = 0 and changes nothing: a merge test on it could not fail.
+    # A fresh adapter has B = 0 and changes nothing: a merge test on it could not fail. A is drawn anew
+    # too, so that two adapters differ in both (a loader that skipped A would show).
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.1)
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
 
 
@@ -182,6 +184,14 @@ def test_adapters_for_another_base_rank_or_targets_are_refused(tmp_path):
         load_adapter(apply_lora_to_model(base_model(), r=4, alpha=4), tmp_path / "a")
     with pytest.raises(CheckpointError, match="targets"):
         load_adapter(apply_lora_to_model(base_model(), targets=("q_proj",), r=2, alpha=4), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="alpha=4"):  # same shapes, another scale: would load silently
+        load_adapter(apply_lora_to_model(base_model(), r=2, alpha=8), tmp_path / "a")
+    with pytest.raises(CheckpointError, match="use_rslora=False"):
+        load_adapter(apply_lora_to_model(base_model(), r=2, alpha=4, use_rslora=True), tmp_path / "a")
+    merged = apply_lora_to_model(base_model(), r=2, alpha=4)
+    merge_lora(merged)
+    with pytest.raises(RuntimeError, match="unmerge the current adapter"):
+        load_adapter(merged, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x80\x04not safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):

@@ -200,6 +200,7 @@ def test_every_file_is_written_aside_and_renamed_so_a_kill_keeps_the_previous_on
         _write(kind, tmp_path, version=1)
     monkeypatch.undo()
     assert _snapshot(tmp_path) == before
+    assert not [p for p in tmp_path.rglob(".*.tmp")]  # the temporary file is deleted, not left behind
 
 
 @pytest.mark.parametrize("kind", ["weights", "json", "adapter", "plot"])
@@ -242,7 +243,7 @@ def test_a_non_finite_loss_stops_with_the_step_keeps_the_checkpoint_and_suggests
 def test_a_non_finite_gradient_is_caught_before_it_reaches_the_weights(tmp_path, monkeypatch):
     # The loss stays finite; only the gradient of step 3 is NaN. Without the check, opt.step() would write
     # NaN into the weights and the checkpoint of step 3 would save them.
-    monkeypatch.setattr("microlm.train.matmul_peak_flops", lambda: 1.0)  # only for MFU; saves a second
+    monkeypatch.setattr("microlm.train.matmul_peak_flops", lambda **k: 1.0)  # only for MFU; saves a second
     model = _tiny_model()
     stream = np.random.default_rng(0).integers(0, 30, 2000).astype(np.int32)
     calls = []
@@ -395,6 +396,8 @@ CHECKPOINT_DAMAGE = {
     "optimizer state of another model": (lambda c: save_optimizer(c / "optimizer.safetensors",
                                                                   _stepped_optimizer(_tiny_model(d_model=32))),
                                          "optimizer tensor '0.exp_avg' (30, 32) fits no parameter of this model"),
+    "random generator state truncated": (lambda c: _truncate(c / "rng_state.safetensors"),
+                                         "not a readable safetensors random generator state file"),
 }
 
 
@@ -428,10 +431,38 @@ def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_resumes_from_the_pr
     assert load_checkpoint(tmp_path, model, make_optimizer(model, cfg), cfg) == (1, 8, 0.5)
 
 
+def test_a_kill_inside_the_checkpoint_swap_leaves_the_previous_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    ckpt, cfg = _resumable(tmp_path)
+    real_replace = os.replace
+
+    def die_at_the_second_rename(src, dst):  # the first moved the old checkpoint aside
+        if Path(src).name == "checkpoint.tmp":
+            raise Killed
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", die_at_the_second_rename)
+    model = _tiny_model(seed=5)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, model, make_optimizer(model, cfg), cfg, 2, 16, 1.0)
+    monkeypatch.undo()
+    assert not ckpt.exists() and (tmp_path / "checkpoint.old").is_dir()
+    assert load_checkpoint(tmp_path, model, make_optimizer(model, cfg), cfg) == (1, 8, 0.5)
+
+
 def _resave_weights(path: Path):
     """The same keys and shapes with other values: what a save that died after the weights leaves."""
     from safetensors.torch import load_file, save_file
     save_file({k: v + 1 for k, v in load_file(str(path)).items()}, str(path))
+
+
+def _drop_a_layer(lora: Path):
+    """Weights without one layer's A, with a config that vouches for them: keys must still be checked."""
+    from safetensors.torch import load_file, save_file
+    from microlm.runs import sha256_file
+    path = lora / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["blocks.0.attn.q_proj.lora_A.weight"]
+    save_file(tensors, str(path))
+    _edit_adapter_config(lora, weights_sha256=sha256_file(path))
 
 
 def _edit_adapter_config(lora: Path, **changes):
@@ -455,6 +486,8 @@ ADAPTER_DAMAGE = {
                              "adapter_config.json: missing keys ['base_fingerprint']"),
     "config unknown key": (lambda a: _edit_adapter_config(a, lora_bias="all"),
                            "adapter_config.json: unknown keys ['lora_bias']"),
+    "weights missing a layer": (_drop_a_layer, "adapter keys do not match: missing "
+                                               "['blocks.0.attn.q_proj.lora_A.weight'], unexpected []"),
     "rank 0": (lambda a: _edit_adapter_config(a, r=0), "r must be an integer >= 1"),
     "rank that does not fit the weights": (lambda a: _edit_adapter_config(a, r=4),
                                            ".lora_A has shape (2, 16), expected (4, 16)"),

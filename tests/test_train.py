@@ -17,6 +17,16 @@ CFG = TrainConfig(max_steps=10, batch_size=4, grad_accum=2, lr=1e-2, warmup_step
                   checkpoint_every=3, seed=1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # As in test_model.py: tiny models gain nothing from intra-op threads, and on a busy 2-core machine
+    # OpenMP's waiting threads made this file about 8x slower. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def new_model():
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=30, context_length=16, d_model=16, n_layers=1, n_heads=2))
@@ -35,6 +45,44 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert lr_at(4, cfg) == pytest.approx(1.0)
     assert lr_at(7, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(10, cfg) == pytest.approx(0.1)
+
+
+def test_every_optimizer_step_uses_the_scheduled_learning_rate(tmp_path, monkeypatch):
+    seen, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run(tmp_path / "r")
+    assert seen == [[lr_at(s, CFG)] * 2 for s in range(CFG.max_steps)]  # both groups: decayed and not
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[4])["lr"] == lr_at(4, CFG)
+
+
+def test_a_run_no_longer_than_its_warm_up_says_it_never_decays(tmp_path, capsys):
+    run(tmp_path / "a")
+    assert "note: --warmup-steps" not in capsys.readouterr().out
+    run(tmp_path / "b", cfg=TrainConfig(**{**CFG.__dict__, "warmup_steps": 9}))
+    assert "note: --warmup-steps 9 leaves none of the --max-steps 10 for the decay: the learning rate ends at 0.01 " \
+           "(--lr 0.01)" in capsys.readouterr().out
+
+
+def test_two_accumulated_micro_batches_step_like_one_batch_of_both(tmp_path):
+    rows = [window_batch(STREAM, 2, 16, 1, i) for i in range(6)]  # 3 steps x 2 micro-batches of 2 rows
+
+    def joined(i):  # step i's two micro-batches as one batch of 4
+        return tuple(torch.cat([rows[2 * i][k], rows[2 * i + 1][k]]) for k in (0, 1))
+    cfg = TrainConfig(max_steps=3, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=1, eval_every=3,
+                      checkpoint_every=3)
+    accumulated, s1 = run(tmp_path / "a", cfg=cfg, get_batch=lambda i: rows[i])
+    one, s2 = run(tmp_path / "b", cfg=TrainConfig(**{**cfg.__dict__, "batch_size": 4, "grad_accum": 1}),
+                  get_batch=joined)
+    for (name, x), y in zip(unique_tensors(accumulated).items(), unique_tensors(one).values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(read("a"), read("b")):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-6)
 
 
 def test_same_seed_same_weights_and_metrics(tmp_path):
@@ -62,6 +110,25 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tmp_path):
         assert torch.equal(x, y), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # no step logged twice
+
+
+def test_a_resumed_run_draws_the_dropout_masks_an_uninterrupted_one_would(tmp_path):
+    from microlm.lora import apply_lora_to_model
+
+    def lora_model():  # dropout draws from the global generator, which new_model() seeds afresh on every start
+        return apply_lora_to_model(new_model(), r=2, alpha=4, dropout=0.5)
+    full, _ = run(tmp_path / "full", model=lora_model())
+
+    def interrupt_at_step_7(i):
+        if i == 7 * CFG.grad_accum:
+            raise KeyboardInterrupt
+        return window_batch(STREAM, CFG.batch_size, 16, CFG.seed, i)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "cut", get_batch=interrupt_at_step_7, model=lora_model())
+    resumed, _ = run(tmp_path / "cut", resume=True, model=lora_model())
+    for (name, x), y in zip(unique_tensors(full).items(), unique_tensors(resumed).values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(full.blocks[0].attn.q_proj.lora_B.weight, torch.zeros(16, 2))  # training moved B
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
