@@ -2,13 +2,14 @@
 compare; and their errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from microlm.cli import main
 from microlm.finetune import load_lora_run
-from microlm.lora import lora_layers
+from microlm.lora import lora_layers, save_adapter
 from microlm.runs import load_run
 from microlm.train import read_metrics
 
@@ -65,9 +66,26 @@ def test_a_merged_model_and_a_full_fine_tune_are_bases_for_another_fine_tune(run
                      "--data-dir", str(runs / "data"), *FINETUNE]) == 0
 
 
-def test_sample_through_an_unmerged_adapter(runs, capsys):
-    assert main(["sample", "--adapter", str(runs / "lora"), "--n", "2", "--prompt", "Ann is at the"]) == 0
-    assert len(capsys.readouterr().out.strip().split("\n")) == 2
+def test_sample_through_an_unmerged_adapter_writes_what_the_merged_model_writes(runs, capsys, tmp_path):
+    # Three steps at r = 2 leave the tiny base's greedy text as it was: give the adapter a B that shows.
+    lora = tmp_path / "lora"
+    shutil.copytree(runs / "lora", lora)
+    model, _, _, _ = load_lora_run(lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g))
+    save_adapter(model, lora / "adapter")
+    greedy = ["--n", "2", "--prompt", "Ann is at the", "--temperature", "0"]
+    assert main(["sample", "--adapter", str(lora), *greedy]) == 0
+    unmerged = capsys.readouterr().out
+    assert len(unmerged.strip().split("\n")) == 2
+    assert main(["merge", "--adapter", str(lora), "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--run-dir", str(tmp_path / "merged"), *greedy]) == 0
+    assert capsys.readouterr().out == unmerged
+    assert main(["sample", "--run-dir", str(runs / "base"), *greedy]) == 0
+    assert capsys.readouterr().out != unmerged  # the adapter is on: it changed what the base writes
 
 
 def test_same_seed_gives_bit_identical_adapters_and_full_weights(runs, tmp_path):
@@ -95,9 +113,13 @@ def test_every_run_folder_records_what_produced_it(runs):
     for name in ("base", "merged"):  # a model folder: its pretraining data and model settings
         config = json.loads((runs / name / "config.json").read_text())
         assert {"train_sha256", "val_sha256"} <= set(config["data"]) and "d_model" in config["model"]
+    base = json.loads((runs / "base" / "config.json").read_text())
+    from microlm.tokenizer import Tokenizer  # stories: a document starts at each end token
+    assert base["model"]["eot_id"] == Tokenizer.load(runs / "base" / "tokenizer.json").eot_id >= 0
     for name in ("lora", "full"):  # a fine-tune: its base, its questions and its settings
         config = json.loads((runs / name / "config.json").read_text())
         assert {"train_sha256", "val_sha256"} <= set(config["sft"]) and config["base"] == str(runs / "base")
+        assert config["packed_rows"] == base["model"]["context_length"]  # the base masks documents: examples pack
         assert config["train"]["seed"] == config["provenance"]["seed"] and len(config["base_fingerprint"]) == 16
     merged = json.loads((runs / "merged" / "config.json").read_text())
     assert merged["merged_from"]["adapter"] == str(runs / "lora") and merged["merged_from"]["lora"]["r"] == 2

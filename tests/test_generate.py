@@ -75,6 +75,22 @@ def test_generation_stops_when_every_row_has_ended(model):
     assert len(calls) == 1  # the prefill only
 
 
+def test_a_batch_stops_once_its_last_row_has_ended_even_if_an_earlier_one_went_on(model):
+    # Row a draws the end token first and then goes on drawing others (its tokens are cut anyway); the
+    # batch must stop at the step where row b draws it, not wait for a step where both draw it at once.
+    prompt, draw = torch.tensor([[1], [2]]), lambda: torch.Generator().manual_seed(0)
+    a, b = generate(model, prompt, 30, temperature=3.0, generator=draw())
+    first = lambda row, t: row.index(t) if t in row else None  # noqa: E731
+    eot = next(t for t in range(40) if None not in (first(a, t), first(b, t)) and first(a, t) != first(b, t)
+               and [b, a][first(a, t) < first(b, t)][max(first(a, t), first(b, t))] != t)
+    last = max(first(a, eot), first(b, eot))
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    got = generate(model, prompt, 30, temperature=3.0, eot_id=eot, generator=draw())
+    assert got == [a[: first(a, eot)], b[: first(b, eot)]]
+    assert len(calls) == 1 + last  # the prefill, then one step for each token drawn before the last row's end
+
+
 def test_generation_never_exceeds_the_context(model):
     for use_cache in (True, False):
         rows = generate(model, torch.tensor([[1, 2, 3, 4]]), 1000, temperature=0, use_cache=use_cache)

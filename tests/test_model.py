@@ -106,11 +106,13 @@ def test_positions_beyond_the_context_are_refused(model):
 def test_documents_do_not_see_each_other_and_the_cache_agrees(extra):
     torch.manual_seed(0)
     m = with_random_convs(GPT(GPTConfig(**TINY, **extra, eot_id=0))).eval()
-    x = torch.randint(1, 50, (2, 20))
-    x[:, 7] = 0  # a new document starts at position 7
-    y = x.clone()
-    y[:, :7] = (y[:, :7] + 1) % 49 + 1  # change only the first document
-    torch.testing.assert_close(m(x)[:, 7:], m(y)[:, 7:], atol=1e-6, rtol=0)
+    for start in (7, 1):  # a new document starts there (1: the earliest an end token can split a row)
+        x = torch.randint(1, 50, (2, 20))
+        x[:, start] = 0
+        y = x.clone()
+        y[:, :start] = (y[:, :start] + 1) % 49 + 1  # change only the first document
+        torch.testing.assert_close(m(x)[:, start:], m(y)[:, start:], atol=1e-6, rtol=0)
+    x[:, 7] = 0
     x[1, 13] = 0  # rows split into documents differently
     torch.testing.assert_close(cached_step_by_step(m, x, prefill=4), m(x), atol=1e-5, rtol=0)
     cache = KVCache.for_model(m, batch_size=2)

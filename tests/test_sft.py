@@ -67,6 +67,15 @@ def test_only_answer_positions_receive_gradient(tok):
     assert (per_position[batch.targets != IGNORE] > 0).all()
 
 
+def test_end_token_text_in_a_users_example_stays_text(tok):
+    # Only the example's own boundaries are end tokens: the text "<|endoftext|>" inside a prompt or an
+    # answer must not split it into documents (the document mask would hide the prompt from the answer).
+    ids, n_prompt = encode_example(tok, f"Q: Who has {EOT} the ball?\nA:", f" Mia{EOT}")
+    assert ids.count(tok.eot_id) == 2 and ids[0] == ids[-1] == tok.eot_id
+    assert tok.decode(ids[1:n_prompt]) == f"Q: Who has {EOT} the ball?\nA:"
+    assert tok.decode(ids[n_prompt:-1]) == f" Mia{EOT}"
+
+
 def test_packed_examples_train_on_the_same_answers_with_the_same_loss(tok):
     """Packing several examples into one row changes nothing the model computes: the document mask keeps
     each example to itself, and RoPE depends only on distances, so the loss is the unpacked one."""
