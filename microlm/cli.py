@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sam.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     sam.add_argument("--n", type=int, default=5, help="how many samples (default: 5)")
     sam.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
-    sam.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    sam.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    sam.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    sam.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
     sam.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     sam.add_argument("--truncate-prompt", action="store_true", help="keep the end of a prompt longer than the "
                      "model's context, and say so (default: refuse it)")
@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, full in (("lora-finetune", False), ("finetune", None)):
         helps = {"lora-finetune": "LoRA fine-tuning on the question set (the same as finetune without --full)",
                  "finetune": "fine-tune a model folder: LoRA (default) or every weight with --full"}
-        ft = sub.add_parser(name, help=helps[name], description=helps[name] + ". The base is frozen and only the "
-                            "adapters' A and B train; --full trains everything (the baseline). Same data, batch and "
-                            "steps either way. Output: --run-dir.")
+        how = ("The base is frozen and only the adapters' A and B train" +
+               ("; --full trains every weight (the baseline). Same data, batch and steps either way" if full is None
+                else ". `microlm finetune --full` trains every weight on the same data, batch and steps"))
+        ft = sub.add_parser(name, help=helps[name], description=f"{helps[name]}. {how}. Output: --run-dir.")
         if full is None:
             ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
         ft.add_argument("--base", default="runs/pretrain", help="the model folder to start from: a pretrain run, "
@@ -169,14 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--full", default="runs/full", help="a full fine-tune folder, or 'none' (default: runs/full)")
     cmp.add_argument("--sweep-ranks", default="1,8,32",
                      help="ranks to train at the same budget for the rank sweep ('' for none; default: %(default)s: "
-                          "each other rank is one more LoRA run, about 1.7 minutes on 2 cores)")
-    cmp.add_argument("--latency-tokens", type=int, default=64, help="tokens generated per latency measurement")
+                          "each other rank is one more LoRA run, about 2 minutes on 2 cores)")
+    cmp.add_argument("--latency-tokens", type=int, default=64, help="tokens generated per latency measurement (default: 64)")
     cmp.add_argument("--repeats", type=int, default=21, help="repeats of each timing (median reported; default: 21)")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     mer = sub.add_parser("merge", help="fold a LoRA adapter into its base: a standalone model folder",
                          description="Load the base named by the LoRA run, add scaling * B @ A into each adapted "
-                                     "weight (in fp32), put plain Linear layers back and write a model folder that "
+                                     "weight (summed in float64, rounded once), put plain Linear layers back and write a model folder that "
                                      "`microlm sample` loads and `microlm finetune --base` starts from.")
     mer.add_argument("--adapter", default="runs/lora", help="a LoRA run folder (default: runs/lora)")
     mer.add_argument("--base", default=None, help="its base model folder (default: the one the run names)")

@@ -38,11 +38,12 @@ TARGET_SETS = {"q, v": ("q_proj", "v_proj"), "q, k, v, output": ("q_proj", "k_pr
 REFERENCE_SHAPES = (("GPT-2 small", 768, 12, 124_439_808), ("LLaMA-7B", 4096, 32, 6_738_415_616))
 
 
-def heldout_examples(run_config: dict) -> list[dict]:
+def run_examples(run_config: dict) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) examples of a fine-tuning run, split as the run split them (finetune.load_examples)."""
     sft = run_config["sft"]
     if sft.get("val"):
-        return read_sft_jsonl(sft["val"])
-    return split_user_examples(read_sft_jsonl(sft["train"]), run_config["train"]["seed"])[1]
+        return read_sft_jsonl(sft["train"]), read_sft_jsonl(sft["val"])
+    return split_user_examples(read_sft_jsonl(sft["train"]), run_config["train"]["seed"])
 
 
 def differing_answers(model, tokenizer, examples, answers_a, answers_b) -> list[dict]:
@@ -107,7 +108,8 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     if bad := sorted(r for r in set(sweep_ranks) if not 1 <= r <= max_r):
         raise ValueError(f"--sweep-ranks: {bad} out of range: a LoRA rank on {', '.join(lora_cfg.targets)} of this "
                          f"model must be in [1, {max_r}]")
-    examples, encoded, _ = fitting(tokenizer, heldout_examples(run_config), model.config.context_length)
+    train_examples, heldout = run_examples(run_config)
+    examples, encoded, _ = fitting(tokenizer, heldout, model.config.context_length)
     batches = [(x, n) for x, _, n in fixed_batches(encoded, tokenizer.eot_id)]
     res: dict = {"n_heldout": len(examples), "lora": dataclasses.asdict(lora_cfg)}
     print(f"compare {len(examples)} held-out questions; LoRA r={lora_cfg.r} on {', '.join(lora_cfg.targets)}")
@@ -154,7 +156,7 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     res["files"] = {"adapter_bytes": adapter_bytes, "model_bytes": model_bytes, "ratio": adapter_bytes / model_bytes,
                     "dtype": "float32"}
     cfg = TrainConfig(**run_config["train"])
-    train_ex, train_enc, _ = fitting(tokenizer, read_sft_jsonl(run_config["sft"]["train"]), model.config.context_length)
+    _, train_enc, _ = fitting(tokenizer, train_examples, model.config.context_length)
     batch = sft_batch(train_enc, cfg.batch_size, tokenizer.eot_id, cfg.seed, 0,
                       packing_context(base, tokenizer.eot_id))  # as training draws its first batch
     trainers = {"lora": prepare_model(copy.deepcopy(base), lora_cfg), "full": prepare_model(copy.deepcopy(base), None)}

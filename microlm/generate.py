@@ -8,8 +8,8 @@ from .model import GPT, KVCache
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):  # written so that NaN fails too
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

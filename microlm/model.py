@@ -218,7 +218,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         """x: (batch, seq, d_model); cos/sin: (seq, head_dim) for the positions of x; mask: None (causal)
-        or a boolean (batch, 1, seq, cached + seq) that is True where a query may see a key."""
+        or (batch, 1, seq, cached + seq) where a query may see a key: True in a boolean mask, 0 (else -inf)
+        in the float mask GPT.forward builds, which SDPA adds to the scores."""
         b, t, d = x.shape
         # (batch, seq, d) -> (batch, heads, seq, head_dim)
         q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)

@@ -113,6 +113,10 @@ def load_run(run_dir: str | Path, device="cpu"):
         model_cfg = GPTConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / 'config.json'}: bad model config: {e}") from None
+    data = config.get("data", {})  # what the model was trained on; a story world is needed to score and question it
+    if not isinstance(data, dict) or (data.get("kind") == "stories" and not isinstance(data.get("world"), dict)):
+        raise CheckpointError(f"{run_dir / 'config.json'}: bad \"data\" entry (a story run records its world there); "
+                              "the file is damaged or was not written by microlm")
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     if tokenizer.n_vocab != model_cfg.vocab_size:
         raise CheckpointError(f"{run_dir / 'tokenizer.json'}: {tokenizer.n_vocab} tokens, but the model in "

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# `regex`, not `re`: the split pattern needs \p{L}, \p{N} and possessive quantifiers. It is safe to
+# `regex`, not `re`: the split pattern needs the Unicode classes \p{L} and \p{N}. It is safe to
 # import because tiktoken itself requires it, so it is installed wherever tiktoken is.
 import regex
 import tiktoken

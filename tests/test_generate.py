@@ -123,7 +123,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert picks == {1, 3}
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                    dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan"))])
 def test_bad_sampling_arguments_are_refused(model, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         sample_next(torch.zeros(1, 5), **kwargs)

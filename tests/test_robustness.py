@@ -333,6 +333,11 @@ def _truncate(path: Path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _set_top(run: Path, **entries):
+    path = run / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+
+
 MODEL_FOLDER_DAMAGE = {
     "weights missing": (lambda r: (r / "model.safetensors").unlink() or shutil.rmtree(r / "checkpoint"),
                         "model.safetensors: weights file not found"),
@@ -349,6 +354,9 @@ MODEL_FOLDER_DAMAGE = {
     "config missing key": (lambda r: _drop_config_key(r, "n_heads"), "model config is missing keys ['n_heads']"),
     "config is a LoRA run": (lambda r: (r / "config.json").write_text('{"base": "runs/pretrain"}'),
                              "this is not a model folder (it is a LoRA run: its base is runs/pretrain)"),
+    "config data not an object": (lambda r: _set_top(r, data=[]), 'config.json: bad "data" entry'),
+    "config story data without its world": (lambda r: _set_top(r, data={"kind": "stories"}),
+                                            'config.json: bad "data" entry (a story run records its world there)'),
     "tokenizer missing": (lambda r: (r / "tokenizer.json").unlink(), "tokenizer.json: no tokenizer file here"),
     "tokenizer truncated": (lambda r: _truncate(r / "tokenizer.json"), "not a usable microlm tokenizer file"),
     "tokenizer of another run": (lambda r: _set_config(r, vocab_size=1000),
@@ -586,7 +594,7 @@ def test_impossible_pretraining_values_name_the_flag_and_the_valid_range(root, t
     (["lora-finetune", "--r", "-2"], "--r must be >= 1 (a LoRA rank), got -2"),
     (["finetune", "--full", "--batch-size", "0"], "--batch-size=0 is out of range (>= 1)"),
     (["sample", "--n", "0"], "--n must be >= 1"),
-    (["sample", "--temperature", "-1"], "temperature must be >= 0"),
+    (["sample", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
 ])
 def test_impossible_fine_tuning_and_sampling_values_are_refused(root, tmp_path, capsys, command, message):
