@@ -9,7 +9,7 @@ import torch
 
 from microlm.cli import main
 from microlm.finetune import load_lora_run
-from microlm.lora import lora_layers, save_adapter
+from microlm.lora import base_fingerprint, lora_layers, save_adapter
 from microlm.runs import load_run
 from microlm.train import read_metrics
 
@@ -64,6 +64,10 @@ def test_a_merged_model_and_a_full_fine_tune_are_bases_for_another_fine_tune(run
             main(["merge", "--adapter", str(runs / "lora"), "--out", str(runs / "merged")])
         assert main(["lora-finetune", "--base", str(runs / base), "--run-dir", str(runs / f"again-{base}"),
                      "--data-dir", str(runs / "data"), *FINETUNE]) == 0
+        config = json.loads((runs / f"again-{base}" / "config.json").read_text())
+        assert config["base"] == str(runs / base)
+        assert config["base_fingerprint"] == base_fingerprint(load_run(runs / base)[0])  # that model, not the first base
+        assert config["base_fingerprint"] != base_fingerprint(load_run(runs / "base")[0])
 
 
 def test_sample_through_an_unmerged_adapter_writes_what_the_merged_model_writes(runs, capsys, tmp_path):
