@@ -24,7 +24,7 @@ $(NBSTAMP): $(STAMP) requirements-notebooks.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-notebooks.txt
 	@touch $(NBSTAMP)
 
-venv: $(STAMP) ## create .venv and install the pinned requirements (torch 2.13.0 CPU)
+venv: $(STAMP) ## create .venv and install the pinned requirements (torch 2.13.0)
 
 pretrain: $(STAMP) ## build the story corpus, train the tokenizer and the GPT into runs/pretrain (ARGS=... for more flags)
 	@if [ -f runs/pretrain/summary.json ] && [ -z "$(ARGS)" ]; then \

@@ -41,7 +41,7 @@ from bench_memory import bench_memory
 from bench_tokenizer import bench_tokenizer, story_bpe, story_corpus
 from bench_training import bench_training
 from microlm.checkpoint import save_json, save_text
-from microlm.cli import STORY_SPLITS
+from microlm.pretrain import STORY_SPLITS
 from microlm.malloc import keep_freed_memory
 from microlm.model import GPTConfig
 from microlm.tokenizer import Tokenizer

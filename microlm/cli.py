@@ -23,17 +23,15 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckpointError, changed_settings, load_json, save_json, save_text, save_weights
-from .data import (CorpusError, build_story_corpus, document_rows, encode_documents, read_corpus, read_stories,
-                   split_text_corpus, stream_rows, window_batch)
+from .checkpoint import CheckpointError, load_json
+from .data import CorpusError
 from .finetune import SFT_SPLITS, LoRAConfig, finetune_defaults
 from .malloc import keep_freed_memory
-from .model import GPT, GPTConfig, pick_device
-from .runs import (UsageError, check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file,
-                   sha256_text)
+from .model import GPTConfig, pick_device
+from .pretrain import PROBE_LABELS, STORY_SPLITS, probe_row, run_pretrain
+from .runs import UsageError, load_run
 from .sft import SFTDataError
-from .tokenizer import EOT, Tokenizer, train_bpe
-from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, read_metrics, train
+from .train import TrainConfig, TrainingDiverged, TrainingInterrupted
 from .world import World, log_prob
 
 # Help for every dataclass field that becomes a flag.
@@ -54,11 +52,6 @@ HELP = {
     "conv_kernel": "positions each block's short convolutions mix into attention's and the feed-forward's "
                    "input (0: none, a plain transformer)",
 }
-
-# Corpus sizes for `make pretrain` on a 2-core laptop CPU (see data/README.md for why these).
-STORY_SPLITS = {"train": 60_000, "val": 2_000}
-LOOKUP_STORIES = 500  # validation stories scored for look-ups and key probes at the end of pretraining
-
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), defaults=None) -> None:
     """One flag per field of dataclass `cls`, defaulting to the field's value in `defaults` (an instance)."""
@@ -195,165 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_pretrain(args) -> int:
-    import torch
-    run_dir = Path(args.run_dir)
     train_cfg = from_args(TrainConfig, args)
     try:
         model_cfg = from_args(GPTConfig, args)  # vocab_size is the tokenizer's request; the model gets its n_vocab
     except ValueError as e:  # name the flag the user typed, not the dataclass field
         raise UsageError(re.sub(r"GPTConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
-    if args.n_samples < 0 or args.n_train < 1 or args.n_val < 1:
-        raise UsageError("--n-train and --n-val must be >= 1 and --n-samples >= 0")
-    device = pick_device(args.device)
-
-    # 1. Data: the story world (with its exact bound) or the user's text file.
-    world, bound = None, None
-    if args.corpus:
-        text = read_corpus(args.corpus, min_chars=2000)
-        train_text, val_text = split_text_corpus(text)
-        train_docs, val_docs = [train_text], [val_text]
-        data_info = {"kind": "text", "path": str(args.corpus)}
-        print(f"corpus  {args.corpus}: {len(train_text):,} train and {len(val_text):,} validation characters")
-    else:
-        world = World()
-        stats = build_story_corpus(args.data_dir, world, {"train": args.n_train, "val": args.n_val}, train_cfg.seed)
-        train_docs = read_stories(Path(args.data_dir) / "train.txt")
-        val_docs = read_stories(Path(args.data_dir) / "val.txt")
-        bound = stats["splits"]["val"]["bits_per_char"]
-        data_info = {"kind": "stories", "dir": str(args.data_dir), "world": world.to_dict(), "stats": stats["splits"]}
-        print(f"corpus  {len(train_docs):,} train / {len(val_docs):,} validation stories in {args.data_dir}/; "
-              f"exact entropy of the validation split: {bound:.4f} bits/char "
-              f"({stats['splits']['val']['bits_per_story']:.1f} bits/story)")
-    data_info["train_sha256"] = sha256_text("\n".join(train_docs))
-    data_info["val_sha256"] = sha256_text("\n".join(val_docs))
-
-    stock = Tokenizer.stock("gpt2") if args.tokenizer == "gpt2" and not args.resume else None
-    check_run_dir(run_dir, args.resume, args.overwrite)  # refuse at once; nothing is touched before step 3
-
-    # 2. Tokenizer: trained on the training split only (reused when resuming).
-    tok_path = run_dir / "tokenizer.json"
-    if args.resume:
-        tokenizer = Tokenizer.load(tok_path)
-        saved = load_json(run_dir / "config.json", "run config")
-        if saved.get("data", {}).get("train_sha256") != data_info["train_sha256"]:
-            raise UsageError(f"--resume: the training data differs from the data {run_dir} was trained on")
-    elif stock is not None:
-        tokenizer = stock
-    else:
-        bpe = train_bpe(EOT.join(train_docs), model_cfg.vocab_size)
-        if bpe.stopped_early:
-            print(f"tokenizer: stopped after {bpe.merges_done} of {bpe.merges_requested} merges: no pair left to merge")
-        tokenizer = Tokenizer.from_bpe(bpe)
-    # Stories are separate documents: attention stays inside each (a plain text file is one document).
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.n_vocab, eot_id=tokenizer.eot_id if world else -1)
-    if args.resume:
-        changed = changed_settings({**saved.get("model", {}), **saved.get("train", {})},
-                                   {**model_cfg.to_dict(), **dataclasses.asdict(train_cfg)})
-        if changed:
-            raise UsageError(f"--resume: {run_dir} was trained with other settings: {changed}; resume with the same "
-                             "flags, or start again with --overwrite")
-    train_stream = encode_documents(tokenizer, train_docs)
-    if len(train_stream) < model_cfg.context_length + 2:
-        raise CorpusError(f"{args.corpus or args.data_dir}: {len(train_stream)} training tokens, fewer than one "
-                          f"window of --context-length {model_cfg.context_length}; use more text or a shorter context")
-    if world:
-        evalset = document_rows(tokenizer, val_docs, model_cfg.context_length)
-    else:
-        try:
-            evalset = stream_rows(tokenizer, encode_documents(tokenizer, val_docs), model_cfg.context_length)
-        except CorpusError as e:
-            raise CorpusError(f"{args.corpus}: {e}") from None
-    chars_per_token = sum(len(d) + 1 for d in train_docs) / (len(train_stream) - 1)
-    print(f"tokens  {len(train_stream):,} training tokens, {chars_per_token:.2f} characters per token, "
-          f"vocabulary {tokenizer.n_vocab}")
-
-    # Only now touch the run folder: a bad corpus, tokenizer or context must not cost the run that
-    # --overwrite was about to replace.
-    prepare_run_dir(run_dir, args.resume, args.overwrite)
-    if not args.resume:
-        tokenizer.save(tok_path)
-    torch.manual_seed(train_cfg.seed)
-
-    # 3. Model.
-    model = GPT(model_cfg).to(device)
-    counts = model.param_counts()
-    print("model   " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    save_json(run_dir / "config.json", {"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
-                                        "data": data_info, "tokenizer": {"n_vocab": tokenizer.n_vocab,
-                                        "sha256": sha256_file(tok_path)}, "provenance": provenance(train_cfg.seed)})
-
-    # 4. Train.
-    from .evaluate import evaluate_lm
-    summary = train(
-        model, train_cfg,
-        get_batch=lambda i: window_batch(train_stream, train_cfg.batch_size, model_cfg.context_length, train_cfg.seed, i),
-        evaluate=lambda m: evaluate_lm(m, evalset),
-        run_dir=run_dir, resume=args.resume, flops_per_token=model.flops_per_token(),
-        chars_per_token=chars_per_token, progress=not args.no_progress,
-    )
-    save_weights(run_dir / "model.safetensors", model)
-    print(f"trained {summary['steps']} steps, {summary['tokens_seen']:,} tokens in {summary['train_seconds']:.0f} s: "
-          f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['mfu']:.1%} of the measured fp32 matmul peak "
-          f"({summary['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)")
-
-    # 5. Evaluate, sample, plot.
-    finish_pretrain(run_dir, model, tokenizer, summary, world, bound, args.n_samples, train_cfg.seed, val_docs)
+    run_pretrain(args.run_dir, model_cfg, train_cfg, corpus=args.corpus, data_dir=args.data_dir,
+                 sizes={"train": args.n_train, "val": args.n_val}, tokenizer_name=args.tokenizer,
+                 n_samples=args.n_samples, device=pick_device(args.device), resume=args.resume,
+                 overwrite=args.overwrite, progress=not args.no_progress)
     return 0
-
-
-PROBE_LABELS = {"place": "who moved, at the destination", "holder": "which object, at the receiver"}
-
-
-def probe_row(p: dict) -> str:
-    """One key_probes entry: accuracy after each block, and chance."""
-    return (" / ".join(f"{a:.1%}" for a in p["by_layer"]) + f" after blocks 1-{len(p['by_layer'])} "
-            f"(chance {p['chance']:.1%}; {p['n']} facts)")
-
-
-def finish_pretrain(run_dir, model, tokenizer, summary, world, bound, n_samples, seed, val_docs=()) -> None:
-    from .evaluate import key_probes, lookup_accuracy, sample_texts, story_validity
-    from .plots import plot_pretrain_loss
-    result = {k: summary[k] for k in ("val_loss", "val_ppl", "val_bpc", "tokens_per_s", "mfu", "steps",
-                                      "tokens_seen", "train_seconds", "matmul_peak_flops", "flops_per_token")
-              if k in summary}
-    print(f"val     loss {summary['val_loss']:.4f} nats/token, perplexity {summary['val_ppl']:.3f}, "
-          f"{summary['val_bpc']:.4f} bits/char")
-    if bound:
-        result.update(bound_bpc=bound, bpc_over_bound=summary["val_bpc"] / bound)
-        print(f"        the exact entropy bound is {bound:.4f} bits/char: the model is at "
-              f"{summary['val_bpc'] / bound:.3f} x the bound")
-    samples = sample_texts(model, tokenizer, n_samples, temperature=1.0, seed=seed) if n_samples else []
-    lines = []
-    if world and samples:
-        valid = [log_prob(world, s) for s in samples]
-        result["sample_validity"] = story_validity(world, samples)
-        result["n_samples"] = len(samples)
-        lines = [f"[{'valid' if lp > -math.inf else 'INVALID'}] {s}" for s, lp in zip(samples, valid)]
-        print(f"samples {result['sample_validity']:.1%} of {len(samples)} stories sampled at temperature 1.0 "
-              "are valid in the story world")
-    else:
-        lines = samples
-    if world and val_docs:
-        # Which of the world's rules the model has learned: its top choice where a story restates a fact
-        result["lookups"] = lookup_accuracy(model, tokenizer, world, list(val_docs[:LOOKUP_STORIES]))
-        print(f"lookups how often the model's top choice is the fact a story restates "
-              f"({min(len(val_docs), LOOKUP_STORIES)} validation stories; data/README.md):")
-        for name, c in result["lookups"].items():
-            print(f"        {name:<24} {c['accuracy']:6.1%} of {c['total']}")
-        # Why a look-up fails: is the key (who moved, which object) written where the fact was set?
-        result["key_probes"] = key_probes(model, tokenizer, world, list(val_docs[:LOOKUP_STORIES]))
-        print("probes  is the key written at the word that set the fact? held-out accuracy of a linear probe, "
-              "after each block:")
-        for what, p in result["key_probes"].items():
-            print(f"        {PROBE_LABELS[what]:<33} {probe_row(p)}")
-    save_text(run_dir / "samples.txt", "".join(line + "\n" for line in lines))
-    for line in lines[:3]:
-        print("        " + line)
-    plot_pretrain_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", bound)
-    result["peak_rss_mib"] = peak_rss_mib()  # the whole command: data, tokenizer, training, sampling
-    save_json(run_dir / "summary.json", result)
-    print(f"wrote   {run_dir}/: model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss.png, "
-          "samples.txt, summary.json")
 
 
 # ---- sample ------------------------------------------------------------------------------------

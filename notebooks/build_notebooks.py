@@ -1184,7 +1184,7 @@ PRETRAINING = [
     projection) can read; a score near chance means it is not, and no head can look the fact up by it.
     """),
     code(r"""
-    from microlm.cli import PROBE_LABELS, probe_row  # the format `make pretrain` prints
+    from microlm.pretrain import PROBE_LABELS, probe_row  # the format `make pretrain` prints
     from microlm.evaluate import key_probes
 
     for what, p in key_probes(model, tok, world, val_texts[:200]).items():

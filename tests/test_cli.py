@@ -137,13 +137,13 @@ def test_ctrl_c_on_a_real_process_then_resume_ends_with_the_same_weights(tmp_pat
 
 
 def test_ctrl_c_after_training_says_how_to_finish_and_resume_finishes_the_run(run, tmp_path, capsys, monkeypatch):
-    import microlm.cli
+    import microlm.pretrain
     args = ["--run-dir", str(tmp_path / "r"), "--data-dir", str(run / "data"), *TINY]
 
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(microlm.cli, "finish_pretrain", ctrl_c)  # while sampling and evaluating the trained model
+        m.setattr(microlm.pretrain, "finish_pretrain", ctrl_c)  # while sampling and evaluating the trained model
         assert main(["pretrain", *args]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted" in err and "--resume" in err
