@@ -89,14 +89,14 @@ def unique_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict | None = None) -> None:
-    save_tensors(path, unique_tensors(module), metadata)
+    save_tensors(path, unique_tensors(module), {k: str(v) for k, v in (metadata or {}).items()})
 
 
 def read_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
