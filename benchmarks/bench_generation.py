@@ -15,11 +15,13 @@ its time goes, beside the time its arithmetic alone would take at the machine's 
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_training import PROFILE_PARTS, op_part
-from microlm.evaluate import decode
+from microlm.evaluate import decode, timing_stats
 from microlm.generate import generate
 from microlm.model import GPT, GPTConfig
 from microlm.train import matmul_peak_flops
@@ -32,27 +34,29 @@ def bench_generation(config: GPTConfig, lengths: tuple[int, ...], repeats: int, 
     room = config.context_length - 1  # the prompt takes one position
     rows = [_cache_vs_recompute(model, n, 1, lengths, room, repeats)
             for n in sorted({min(n, room) for n in lengths})]  # lengths the context caps to the same n run once
-    # Recomputing 50 rows of 255 tokens takes about 40 s a call, most of the whole benchmark's time at 7
+    # Recomputing 50 rows of 255 tokens takes 30 to 40 s a call, most of the whole benchmark's time at 7
     # repeats; half as many still leave its spread far below a ratio of about 25x.
     batched = _cache_vs_recompute(model, rows[-1]["new_tokens"], batch_size, lengths, room, max(1, repeats // 2))
     return {"batch_size": 1, "context_length": config.context_length, "lengths": rows, "batched": batched,
-            "token_profile": token_profile(model, min(64, room)),
+            "token_profile": token_profile(model, min(64, room), repeats),
             "targets": {"kv_cache_speedup_longest": target(rows[-1]["speedup"]["median"], ">=", 10.0),
                         "kv_cache_speedup_longest_batched": target(batched["speedup"]["median"], ">=", 10.0)}}
 
 
-def token_profile(model: GPT, n_tokens: int) -> dict:
+def token_profile(model: GPT, n_tokens: int, repeats: int) -> dict:
     """One cached decoding step at batch 1, taken apart: n_tokens greedy steps (microlm.evaluate.decode,
     as the latency figures run them) under torch.profiler, after a warm-up. Per token: the operator
     calls made from Python (top-level aten ops), all operator calls (with the ones they make), and
     the self CPU seconds of each part (bench_training.op_part). Beside them, the forward FLOPs of a
     token's matmuls (2 per weight, lm_head included; the attention over the prefix adds at most 4 *
     n_layers * d_model * context more) and the fp32 matmul peak measured now: how long the arithmetic
-    alone would take."""
+    alone would take. The same decoding is also timed without the profiler (median of `repeats`): the
+    operators' self time leaves out the Python that runs between them, which the timed figure holds."""
     print(f"  generation  profile of {n_tokens} cached steps, batch 1", flush=True)
     prompt = torch.full((1, 1), max(model.config.eot_id, 0))
     tokens = generate(model, prompt, n_tokens, temperature=0.0)[0]
     decode(model, prompt, tokens)  # warm-up
+    timed = timing_stats([_seconds(lambda: decode(model, prompt, tokens)) for _ in range(repeats)])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         decode(model, prompt, tokens)
     parts = dict.fromkeys(PROFILE_PARTS, 0.0)
@@ -64,9 +68,16 @@ def token_profile(model: GPT, n_tokens: int) -> dict:
         parts[op_part(e)] += e.self_cpu_time_total * 1e-6 / len(tokens)
     # every matmul weight once: the blocks' linears and lm_head (an nn.Linear, tied to the embedding or not)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return {"tokens": len(tokens), "seconds_per_token": parts, "calls_per_token": calls / len(tokens),
+    return {"tokens": len(tokens), "seconds_per_token": parts, "timed_seconds_per_token": timed["median_s"] / len(tokens),
+            "calls_per_token": calls / len(tokens),
             "python_calls_per_token": top_calls / len(tokens), "matmul_flops_per_token": 2 * weights,
             "matmul_peak_flops": matmul_peak_flops()}
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def _cache_vs_recompute(model: GPT, n: int, batch_size: int, lengths, room: int, repeats: int) -> dict:

@@ -2,7 +2,7 @@
 
 The corpus is the story world's, drawn as `microlm pretrain` draws it (microlm.world.generate_splits),
 and the BPE is trained as pretraining trains it (`<|endoftext|>` between stories, GPTConfig's
-vocab_size requested). Encoding compares three ways to the same ids:
+vocab_size requested). Encoding compares four ways to the same ids:
 
   tiktoken        Tokenizer.encode_ordinary: tiktoken's Rust BPE on one thread, the whole text at once
   python          tokenizer.encode_python: the same merges in plain Python (the teaching version)
@@ -37,7 +37,7 @@ def story_corpus(n_stories: int, seed: int = 1337) -> list[str]:
 
 def story_bpe(stories: list[str]) -> BPEResult:
     """The BPE `microlm pretrain` would train on these stories; it stops early when no pair is left
-    (416 tokens on the story corpus, of the 512 GPTConfig requests). The other benchmarks size their
+    (349 tokens on the story corpus, of the 512 GPTConfig requests). The other benchmarks size their
     models' vocabulary by it."""
     return train_bpe(EOT.join(stories), GPTConfig().vocab_size)
 

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import statistics
+import tempfile
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -43,18 +46,33 @@ def random_batch(vocab_size: int, batch_size: int, context: int, seed: int = 0):
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def compile_model(model: torch.nn.Module, batch) -> tuple[torch.nn.Module | None, dict]:
+def compile_model(model: torch.nn.Module, batch, cache_dir: str) -> tuple[torch.nn.Module | None, dict]:
     """torch.compile(model) and one forward and backward, which is when the compiling happens. On CPU it
-    needs a C++ compiler and minutes of CPU time; any failure is reported, never raised."""
+    needs a C++ compiler and seconds to minutes of CPU time; any failure is reported, never raised.
+    Compiled cold, as a user's first `microlm pretrain --compile true` is: inductor keeps what it built
+    on disk (by default under the system's temp folder) and reuses it in later processes, which made an
+    earlier version of this benchmark report 6 s where a first compile takes about 26 s. So the compile
+    gets an empty cache folder of its own (cache_dir, which must outlive the compiled model's use), and
+    inductor's caches are off while it runs."""
+    import torch._inductor.config as inductor_config
     x, y = batch
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     t = time.perf_counter()
     try:
-        compiled = torch.compile(model)
-        masked_loss(compiled(x), y).backward()
+        with inductor_config.patch(force_disable_caches=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "dynamo_pgo force disabled": what was asked for
+            compiled = torch.compile(model)
+            masked_loss(compiled(x), y).backward()
     except Exception as e:  # no compiler, an unsupported op, ...: the benchmark goes on without it
         return None, {"ok": False, "error": _first_line(e)}
+    finally:
+        if before is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
     model.zero_grad(set_to_none=True)
-    return compiled, {"ok": True, "compile_s": time.perf_counter() - t}
+    return compiled, {"ok": True, "compile_s": time.perf_counter() - t, "cache": "cold"}
 
 
 def _first_line(e: BaseException) -> str:
@@ -108,19 +126,20 @@ def bench_size(name: str, config: GPTConfig, train_cfg: TrainConfig, repeats: in
     models = {"ours": ours, "ours_causal": GPT(dataclasses.replace(config, eot_id=-1)), "baseline": BaselineGPT(config)}
     batch = random_batch(config.vocab_size, train_cfg.batch_size, config.context_length)
     compiled = None
-    if try_compile:
-        # A copy: each contender must own its weights, or two optimizers would update the same tensors.
-        model, compiled = compile_model(copy.deepcopy(ours), batch)
-        if model is not None:
-            models["ours_compiled"] = model
-    try:
-        steps = step_cost(models, batch, train_cfg, repeats)
-    except Exception as e:  # a compiled graph can also fail later, e.g. on a recompile
-        if "ours_compiled" not in models:
-            raise
-        compiled = {"ok": False, "error": _first_line(e)}
-        del models["ours_compiled"]
-        steps = step_cost(models, batch, train_cfg, repeats)
+    with tempfile.TemporaryDirectory(prefix="microlm-bench-inductor-") as cache:  # what compiling builds
+        if try_compile:
+            # A copy: each contender must own its weights, or two optimizers would update the same tensors.
+            model, compiled = compile_model(copy.deepcopy(ours), batch, cache)
+            if model is not None:
+                models["ours_compiled"] = model
+        try:
+            steps = step_cost(models, batch, train_cfg, repeats)
+        except Exception as e:  # a compiled graph can also fail later, e.g. on a recompile
+            if "ours_compiled" not in models:
+                raise
+            compiled = {"ok": False, "error": _first_line(e)}
+            del models["ours_compiled"]
+            steps = step_cost(models, batch, train_cfg, repeats)
 
     tokens = train_cfg.batch_size * config.context_length
     median = {k: v["median_s"] for k, v in steps.items()}

@@ -103,16 +103,17 @@ def generation_rows(gen: dict) -> list[tuple]:
 def _token_profile_row(tp: dict) -> tuple:
     """Where a cached token's time goes (bench_generation.token_profile), against its arithmetic."""
     parts = {k: v for k, v in tp["seconds_per_token"].items() if v > 0}
-    total = sum(parts.values())
+    total, timed = sum(parts.values()), tp["timed_seconds_per_token"]
     arithmetic = tp["matmul_flops_per_token"] / tp["matmul_peak_flops"]
-    return (f"generation: where a cached token's time goes (batch 1, {tp['tokens']} tokens, torch.profiler, "
-            "self CPU time)",
-            f"{1e3 * total:.2f} ms a token: {tp['python_calls_per_token']:.0f} operator calls from Python, "
-            f"{tp['calls_per_token']:,.0f} in all; " + ", ".join(f"{PART_NAMES[k]} {1e3 * v:.2f} ms ({v / total:.0%})"
-                                                             for k, v in parts.items())
-            + f". Its matmuls' {tp['matmul_flops_per_token'] / 1e6:.1f} MFLOP would take {1e6 * arithmetic:.0f} us "
-              f"at the matmul peak ({tp['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)",
-            f"{total / arithmetic:,.0f}x its arithmetic", "")
+    return (f"generation: where a cached token's time goes (batch 1, {tp['tokens']} tokens; timed, then under "
+            "torch.profiler: the operators' self CPU time)",
+            f"{1e3 * timed:.2f} ms a token; operators {1e3 * total:.2f} ms of it under the profiler: "
+            f"{tp['python_calls_per_token']:.0f} calls from Python, {tp['calls_per_token']:,.0f} in all; "
+            + ", ".join(f"{PART_NAMES[k]} {1e3 * v:.2f} ms ({v / total:.0%})" for k, v in parts.items())
+            + f"; the rest of the token is Python between the calls. Its matmuls' "
+              f"{tp['matmul_flops_per_token'] / 1e6:.1f} MFLOP would take {1e6 * arithmetic:.0f} us at the matmul "
+              f"peak ({tp['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)",
+            f"{timed / arithmetic:,.0f}x its arithmetic", "")
 
 
 def lora_rows(lo: dict) -> list[tuple]:
@@ -123,7 +124,7 @@ def lora_rows(lo: dict) -> list[tuple]:
         (f"LoRA r={r} ({', '.join(lo['lora']['targets'])}) vs full fine-tuning: step time, batch "
          f"{lo['batch'][0]} x {lo['batch'][1]}", f"{_ms(step['lora'])} vs {_ms(step['full'])}",
          _ratio(lo["step_ratio_lora_full"]), _mark(targets["lora_step_vs_full"])),
-        ("LoRA vs full: tensor memory of a step at its peak",
+        ("LoRA vs full: tensor memory of a step (weights, saved activations, gradients, AdamW state)",
          f"{mem['lora']['total'] / 2**20:.1f} vs {mem['full']['total'] / 2**20:.1f} MiB",
          f"{lo['memory_ratio_lora_full']:.2f}x", _mark(targets["lora_memory_vs_full"])),
         (f"per-token latency ({n} tokens, batch 1): merged (merge_and_unload) vs base",
@@ -176,9 +177,11 @@ def to_markdown(res: dict) -> str:
     quick = " QUICK MODE: tiny sizes, the figures mean nothing." if s["quick"] else ""
     lines = [f"Measured on {m['cpu']} ({m['cpu_count']} cores, {m['cpu_capability']}), torch {m['torch']} "
              f"(threads: {m['torch_threads']}), Python {m['python']}; load average {m['load_average_1m']:.2f} at the "
-             f"start. Medians of {s['repeats']} repeats ({3 * s['repeats']} for per-token latencies) after a warm-up, "
-             "(min-max) beside them; contenders took turns in one process, each round running each contender once, "
-             f"and a ratio is the median of the rounds' ratios (one per round), (min-max) of those beside it.{quick}",
+             f"start. Timings are medians of {s['repeats']} repeats ({3 * s['repeats']} for per-token latencies) after "
+             "a warm-up, (min-max) beside them; contenders took turns in one process, each round running each "
+             "contender once, and a ratio is the median of the rounds' ratios (one per round), (min-max) of those "
+             "beside it. The profile rows are means of a few profiled runs (no spread); memory is counted, not "
+             f"timed.{quick}",
              "", "| benchmark | measured: median (min-max) | ratio | target |", "|---|---|---|---|"]
     for name, rows_of in SECTIONS.items():
         if name not in res:

@@ -5,8 +5,8 @@ against full fine-tuning, side by side, and writes `compare.json`, four plots an
     merge_and_unload and the full fine-tune;
   * sameness: merged vs unmerged logits over every held-out token, in fp32 and again in float64 (where
     rounding shrinks by ~1e9, so a real difference would stand out), and whether greedy answers agree;
-  * cost: per-token latency of base, merged and unmerged; step time and training memory of LoRA vs full;
-    adapter file vs model file (both fp32 safetensors, weights only);
+  * cost: per-token latency of base, merged (unloaded and in place) and unmerged; step time and training
+    memory of LoRA vs full; adapter file vs model file (both fp32 safetensors, weights only);
   * the rank sweep: the same budget at other ranks.
 """
 

@@ -166,10 +166,11 @@ def lora_config_from_dict(d: dict) -> LoRAConfig:
 
 
 def training_memory(model: torch.nn.Module, batch, cfg: TrainConfig) -> dict:
-    """Bytes of the tensors one training step keeps alive at its peak (just before the optimizer
-    step frees the activations): weights, activations saved for the backward pass, gradients and
-    AdamW's two moments. Counted tensor by tensor, each storage once; not the process's RSS, which is
-    dominated by the Python and PyTorch runtime at this model size."""
+    """Bytes of the tensors one training step needs: weights, activations saved for the backward pass,
+    gradients and AdamW's two moments, counted tensor by tensor, each storage once, and added up. The
+    sum bounds the step's peak from above: the backward pass frees saved activations as it makes the
+    gradients, so the two never all exist at once (the bound is off by at most the gradients). Not the
+    process's RSS, which is dominated by the Python and PyTorch runtime at this model size."""
     from .train import make_optimizer
     model, (x, y) = copy.deepcopy(model), batch  # the step below must not change the caller's model
     opt = make_optimizer(model, cfg)
