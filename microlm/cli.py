@@ -42,7 +42,8 @@ HELP = {
     "weight_decay": "AdamW weight decay (matrices only)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
     "grad_clip": "clip the global gradient norm to this (0: off)", "eval_every": "validate every N steps",
     "checkpoint_every": "save a resumable checkpoint every N steps", "seed": "seed for init, batches and data",
-    "compile": "torch.compile the training step (needs a C++ compiler; seconds to compile, then faster)",
+    "compile": "torch.compile the training step (needs a C++ compiler; about half a minute to compile on "
+               "2 cores, then faster)",
     "vocab_size": "tokenizer vocabulary size, special tokens included", "context_length": "tokens per window",
     "d_model": "model width", "n_layers": "transformer blocks", "n_heads": "attention heads",
     "d_ff": "SwiGLU hidden size (0: about 8/3 of d_model)", "rope_base": "RoPE frequency base",

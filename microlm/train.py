@@ -47,7 +47,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 1337
     # torch.compile the training forward and backward (eval and sampling stay eager). On a 2-core CPU it
-    # paid 1.05x to 1.35x after 7 to 24 s of compiling (make bench runs); needs a C++ compiler, falls back to eager
+    # paid 1.05x to 1.35x in make bench runs, after about 26 s of compiling from an empty cache (6 s when
+    # inductor's on-disk cache holds an earlier process's work); needs a C++ compiler, falls back to eager
     # with a note where it fails. Off by default so tests and short runs do not pay the compile time.
     compile: bool = False
 
