@@ -61,7 +61,7 @@ def compile_model(model: torch.nn.Module, batch, cache_dir: str) -> tuple[torch.
     t = time.perf_counter()
     try:
         with inductor_config.patch(force_disable_caches=True), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "dynamo_pgo force disabled": what was asked for
+            warnings.filterwarnings("ignore", message=".*dynamo_pgo force disabled")  # what was asked for
             compiled = torch.compile(model)
             masked_loss(compiled(x), y).backward()
     except Exception as e:  # no compiler, an unsupported op, ...: the benchmark goes on without it

@@ -107,10 +107,11 @@ def _token_profile_row(tp: dict) -> tuple:
     arithmetic = tp["matmul_flops_per_token"] / tp["matmul_peak_flops"]
     return (f"generation: where a cached token's time goes (batch 1, {tp['tokens']} tokens; timed, then under "
             "torch.profiler: the operators' self CPU time)",
-            f"{1e3 * timed:.2f} ms a token; operators {1e3 * total:.2f} ms of it under the profiler: "
+            f"{1e3 * timed:.2f} ms a token timed; under the profiler its operators take {1e3 * total:.2f} ms: "
             f"{tp['python_calls_per_token']:.0f} calls from Python, {tp['calls_per_token']:,.0f} in all; "
             + ", ".join(f"{PART_NAMES[k]} {1e3 * v:.2f} ms ({v / total:.0%})" for k, v in parts.items())
-            + f"; the rest of the token is Python between the calls. Its matmuls' "
+            + f". The profiler slows the operators, so at least {1e3 * max(0.0, timed - total):.2f} ms of the timed "
+              f"token is Python between the calls. Its matmuls' "
               f"{tp['matmul_flops_per_token'] / 1e6:.1f} MFLOP would take {1e6 * arithmetic:.0f} us at the matmul "
               f"peak ({tp['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)",
             f"{timed / arithmetic:,.0f}x its arithmetic", "")
@@ -180,8 +181,8 @@ def to_markdown(res: dict) -> str:
              f"start. Timings are medians of {s['repeats']} repeats ({3 * s['repeats']} for per-token latencies) after "
              "a warm-up, (min-max) beside them; contenders took turns in one process, each round running each "
              "contender once, and a ratio is the median of the rounds' ratios (one per round), (min-max) of those "
-             "beside it. The profile rows are means of a few profiled runs (no spread); memory is counted, not "
-             f"timed.{quick}",
+             "beside it. The profile rows have no spread: the training profile is the mean of 3 profiled steps, the "
+             f"token profile one profiled decoding; memory is counted, not timed.{quick}",
              "", "| benchmark | measured: median (min-max) | ratio | target |", "|---|---|---|---|"]
     for name, rows_of in SECTIONS.items():
         if name not in res:

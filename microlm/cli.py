@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_pretrain(args) -> int:
+    if args.n_samples < 0 or args.n_train < 1 or args.n_val < 1:
+        raise UsageError("--n-train and --n-val must be >= 1 and --n-samples >= 0")
     train_cfg = from_args(TrainConfig, args)
     try:
         model_cfg = from_args(GPTConfig, args)  # vocab_size is the tokenizer's request; the model gets its n_vocab

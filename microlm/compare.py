@@ -24,7 +24,7 @@ from .evaluate import (format_ratio, logits_of, max_abs_diff, paired_ratio, per_
                        timing_stats)
 from .finetune import (accuracy, fitting, fixed_batches, load_lora_run, lora_config_from_dict, packing_context,
                        prepare_model, read_sft_jsonl, run_finetune, sft_batch, split_user_examples, training_memory)
-from .lora import lora_layers, merge_and_unload, merge_lora
+from .lora import check_lora_targets, lora_layers, merge_and_unload, merge_lora
 from .runs import load_run
 from .train import TrainConfig, make_optimizer, masked_loss
 
@@ -102,12 +102,11 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     lora_cfg = lora_config_from_dict(run_config["lora"])
     model, tokenizer, _, _ = load_lora_run(lora_dir)
     base, _, _ = load_run(run_config["base"])
-    # The sweep's ranks are checked now, not after minutes of measuring (apply_lora_to_model's own bound)
-    max_r = min(min(m.in_features, m.out_features) for n, m in base.named_modules()
-                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in lora_cfg.targets)
-    if bad := sorted(r for r in set(sweep_ranks) if not 1 <= r <= max_r):
-        raise ValueError(f"--sweep-ranks: {bad} out of range: a LoRA rank on {', '.join(lora_cfg.targets)} of this "
-                         f"model must be in [1, {max_r}]")
+    for r in sorted(set(sweep_ranks)):  # checked now, not after minutes of measuring
+        try:
+            check_lora_targets(base, lora_cfg.targets, r)
+        except ValueError as e:
+            raise ValueError(f"--sweep-ranks: {e}") from None
     train_examples, heldout = run_examples(run_config)
     examples, encoded, _ = fitting(tokenizer, heldout, model.config.context_length)
     batches = [(x, n) for x, _, n in fixed_batches(encoded, tokenizer.eot_id)]

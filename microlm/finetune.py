@@ -24,7 +24,7 @@ import torch
 from .checkpoint import CheckpointError, changed_settings, load_json, save_json, save_text
 from .data import IGNORE
 from .evaluate import exact_match, greedy_answers
-from .lora import DEFAULT_TARGETS, apply_lora_to_model
+from .lora import DEFAULT_TARGETS, apply_lora_to_model, check_lora_targets
 from .sft import collate, encode_examples, make_sft_set, question_fingerprint, read_sft_jsonl
 from .train import TrainConfig, masked_loss
 from .world import World
@@ -167,10 +167,11 @@ def lora_config_from_dict(d: dict) -> LoRAConfig:
 
 def training_memory(model: torch.nn.Module, batch, cfg: TrainConfig) -> dict:
     """Bytes of the tensors one training step needs: weights, activations saved for the backward pass,
-    gradients and AdamW's two moments, counted tensor by tensor, each storage once, and added up. The
-    sum bounds the step's peak from above: the backward pass frees saved activations as it makes the
-    gradients, so the two never all exist at once (the bound is off by at most the gradients). Not the
-    process's RSS, which is dominated by the Python and PyTorch runtime at this model size."""
+    gradients and AdamW's two moments, counted tensor by tensor, each storage once, and added up. An
+    estimate of the step's peak, not the peak itself: the backward pass frees saved activations as it
+    makes the gradients, so not all of both exist at once, and temporaries (the gradients of the
+    activations, AdamW's scratch) are not counted. Not the process's RSS, which is dominated by the
+    Python and PyTorch runtime at this model size."""
     from .train import make_optimizer
     model, (x, y) = copy.deepcopy(model), batch  # the step below must not change the caller's model
     opt = make_optimizer(model, cfg)
@@ -275,6 +276,8 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     run_dir, kind = Path(run_dir), "lora" if lora else "full"
     check_run_dir(run_dir, resume, overwrite)  # refuse at once; the folder is touched only once all inputs are read
     model, tokenizer, base_config = load_run(base_dir, device)
+    if lora:  # before anything is measured or written: --overwrite must not lose a run to a bad --targets
+        check_lora_targets(model, lora.targets, lora.r)
     train_ex, val_ex, sft_info = load_examples(base_config, sft_data, sft_val, data_dir, sizes, cfg.seed, base_dir)
     ctx = model.config.context_length
     train_ex, train_enc, skipped_train = fitting(tokenizer, train_ex, ctx)
@@ -347,7 +350,6 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
     from .checkpoint import save_weights
     from .lora import lora_layers, merge_and_unload
     from .runs import UsageError, check_run_dir, prepare_run_dir, provenance
-    check_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     model, tokenizer, base_config, run_config = load_lora_run(lora_dir, "cpu", base_dir)
     base_dir = base_dir or run_config.get("base")
     out = Path(out_dir).resolve()
@@ -355,6 +357,7 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
         if out == Path(folder).resolve() or out in Path(folder).resolve().parents:
             raise UsageError(f"--out {out_dir} is or holds {what} ({folder}): the merged model would replace its own "
                              "input; choose another --out")
+    check_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     prepare_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     merge_and_unload(model)
     assert not lora_layers(model)

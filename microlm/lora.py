@@ -101,10 +101,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_lora_to_model(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0,
-                        dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
-    """Freeze every parameter, then swap each nn.Linear whose name ends in one of `targets` for a
-    LoRALinear holding it. Returns the model (changed in place)."""
+def check_lora_targets(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8) -> None:
+    """Raise ValueError, naming what is wrong, unless apply_lora_to_model(model, targets, r) can adapt
+    the model: every target names a linear layer, none shares its weight, r fits each of them."""
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     unknown = sorted(set(targets) - set(linear_names))
     if unknown or not targets:
@@ -117,10 +116,22 @@ def apply_lora_to_model(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, a
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets and len(names[id(m.weight)]) > 1:
-            others = [n for n in names[id(m.weight)] if n != f"{name}.weight"]
-            raise ValueError(f"LoRA target {name!r} shares its weight with {', '.join(others)} (tied embeddings): "
-                             "merging would add the delta to both; leave it out of the targets")
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            if len(names[id(m.weight)]) > 1:
+                others = [n for n in names[id(m.weight)] if n != f"{name}.weight"]
+                raise ValueError(f"LoRA target {name!r} shares its weight with {', '.join(others)} (tied "
+                                 "embeddings): merging would add the delta to both; leave it out of the targets")
+            if not 1 <= r <= min(m.in_features, m.out_features):
+                raise ValueError(f"LoRA rank r must be in [1, {min(m.in_features, m.out_features)}] for "
+                                 f"{name} ({m.in_features}->{m.out_features}), got {r}")
+
+
+def apply_lora_to_model(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0,
+                        dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+    """Freeze every parameter, then swap each nn.Linear whose name ends in one of `targets` for a
+    LoRALinear holding it. Returns the model (changed in place). Refuses (check_lora_targets) before
+    changing anything."""
+    check_lora_targets(model, targets, r)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in list(model.named_modules()):

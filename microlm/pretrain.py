@@ -4,8 +4,9 @@
 
 1. The data: the story world's corpus, whose exact entropy bounds the loss, or any UTF-8 text file.
 2. A byte-level BPE tokenizer trained on the training split (tokenizer.py), served through tiktoken.
-3. The GPT (model.py), trained by the loop in train.py on random windows of the token stream.
-4. The evaluation: loss against the bound, sampled stories scored by the world, look-ups and probes.
+3. The GPT (model.py), sized by the tokenizer's vocabulary.
+4. Training: the loop in train.py, on random windows of the token stream.
+5. The evaluation: loss against the bound, sampled stories scored by the world, look-ups and probes.
 Every file goes into the run folder (see runs.py for the layout); `microlm pretrain` maps its flags here.
 """
 
@@ -40,7 +41,7 @@ def run_pretrain(run_dir, model_cfg: GPTConfig, train_cfg: TrainConfig, *, corpu
     Returns the summary that summary.json holds."""
     run_dir = Path(run_dir)
     if n_samples < 0 or min(sizes.values()) < 1:
-        raise UsageError("--n-train and --n-val must be >= 1 and --n-samples >= 0")
+        raise ValueError(f"run_pretrain needs n_samples >= 0 and sizes >= 1, got {n_samples} and {sizes}")
 
     # 1. Data: the story world (with its exact bound) or the user's text file.
     world, bound = None, None

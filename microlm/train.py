@@ -157,9 +157,13 @@ def train(
     # The compiled module shares the model's parameters: evaluation, checkpoints and the returned model
     # use `model` itself. The first step's time includes the compiling.
     forward = torch.compile(model) if cfg.compile else model
+    step_rng = None
     with _stop_requests() as stop:
         try:
             while step < cfg.max_steps:
+                # The generators as this step starts: an interrupt inside the step saves these, so that
+                # the resumed run draws the step's dropout masks again, not the ones after them.
+                step_rng = rng_state(device)
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
@@ -191,6 +195,7 @@ def train(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+                step_rng = None  # the step is done: the generators' state now is the next step's
                 tokens_seen += n_tokens
                 train_time += time.perf_counter() - t0
                 tok_s = tokens_seen / train_time if train_time else 0.0  # training time only: no evaluation
@@ -213,7 +218,7 @@ def train(
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time)
+            save_checkpoint(run_dir, model, opt, cfg, step, tokens_seen, train_time, step_rng)
             raise TrainingInterrupted(step) from None
     bar.close()
     if not last_eval:  # resumed from a checkpoint at max_steps: nothing left to train, still report
@@ -259,13 +264,15 @@ def _stop_requests():
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
-def save_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig, step: int, tokens: int, seconds: float):
-    """run_dir/checkpoint/{model,optimizer}.safetensors + trainer_state.json, swapped in as one folder."""
+def save_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig, step: int, tokens: int, seconds: float,
+                    rng: dict[str, torch.Tensor] | None = None):
+    """run_dir/checkpoint/{model,optimizer,rng_state}.safetensors + trainer_state.json, swapped in as one
+    folder. rng: the generators' state to save (default: as they are now)."""
     tmp = run_dir / "checkpoint.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     save_weights(tmp / "model.safetensors", model)
     groups = save_optimizer(tmp / "optimizer.safetensors", opt)
-    save_tensors(tmp / "rng_state.safetensors", rng_state(next(model.parameters()).device))
+    save_tensors(tmp / "rng_state.safetensors", rng or rng_state(next(model.parameters()).device))
     save_json(tmp / "trainer_state.json", {"step": step, "tokens_seen": tokens, "train_seconds": seconds,
                                            "train_config": asdict(cfg), "optimizer": groups})
     replace_dir(tmp, run_dir / "checkpoint")

@@ -719,8 +719,8 @@ MODEL = [
     $i$ is how position $i$ spreads its attention over positions $0 \ldots i$. Everything above the
     diagonal is exactly zero: that is the causal mask. With random weights the heads have not learned
     to look anywhere in particular, yet the rows are not flat: QK-norm gives every query and key unit
-    size, so their scaled dot products vary by about `attn_scale` = 2 (a standard deviation) even at
-    random, and a softmax over such scores already favours a few keys of each row, just arbitrary
+    RMS (a length of $\sqrt{d_{head}}$), so their scores $s \cdot q k^\top / \sqrt{d_{head}}$ vary by about
+    $s$ = `attn_scale` = 2 (a standard deviation) even at random, and a softmax over such scores already favours a few keys of each row, just arbitrary
     ones. After training (notebook 3) heads pick out the tokens they need, such as the last mention
     of an object.
     """),

@@ -140,8 +140,8 @@ def test_generation_caps_lengths_by_the_context(bench):
     assert tp["seconds_per_token"]["matmul"] > 0 and tp["seconds_per_token"]["attention"] > 0
     assert tp["seconds_per_token"]["optimizer"] == 0  # nothing trains while decoding
     assert tp["matmul_peak_flops"] > 0
-    # timed without the profiler, a token holds its operators and the Python between them
-    assert tp["timed_seconds_per_token"] > 0.5 * sum(tp["seconds_per_token"].values())
+    # timed without the profiler: a sanity check only, since the profiler slows the operators it times
+    assert 0.5 * sum(tp["seconds_per_token"].values()) < tp["timed_seconds_per_token"] < 1.0
     # 2 FLOPs per matmul weight: a third of the training count's 6 N, its attention term set aside
     from microlm.model import GPT, GPTConfig
     c = GPTConfig(vocab_size=bench[0]["tokenizer"]["vocab"]["n_vocab"], **bench[0]["settings"]["model"])

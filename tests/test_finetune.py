@@ -190,6 +190,18 @@ def test_bad_lora_settings_are_refused_with_the_valid_range(runs, tmp_path, caps
     assert message in capsys.readouterr().err
 
 
+def test_bad_lora_targets_are_refused_before_overwrite_deletes_the_run(runs, tmp_path, capsys):
+    run = tmp_path / "lora"
+    shutil.copytree(runs / "lora", run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for flags, message in ((["--targets", "q_proj,lm_head"], "'lm_head' shares its weight with tok_emb.weight"),
+                           (["--r", "64"], "LoRA rank r must be in [1, 16]")):
+        assert main(["lora-finetune", "--base", str(runs / "base"), "--run-dir", str(run), "--overwrite",
+                     "--data-dir", str(runs / "data"), *FINETUNE, *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_an_adapter_is_refused_on_another_base(runs, capsys):
     assert main(["merge", "--adapter", str(runs / "lora"), "--base", str(runs / "full"),
                  "--out", str(runs / "wrong")]) == 2
@@ -214,7 +226,7 @@ def test_compare_refuses_sweep_ranks_out_of_range_before_measuring(runs, capsys)
         assert main(["compare", "--lora", str(runs / "lora"), "--full", "none", "--sweep-ranks", ranks,
                      "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert "--sweep-ranks" in err and "must be in [1, 16]" in err
+        assert "--sweep-ranks" in err and "r must be in [1, 16]" in err
     assert {p: p.stat().st_mtime_ns for p in (runs / "lora").rglob("*")} == before  # nothing written
 
 

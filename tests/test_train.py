@@ -119,12 +119,13 @@ def test_a_resumed_run_draws_the_dropout_masks_an_uninterrupted_one_would(tmp_pa
         return apply_lora_to_model(new_model(), r=2, alpha=4, dropout=0.5)
     full, _ = run(tmp_path / "full", model=lora_model())
 
-    def interrupt_at_step_7(i):
-        if i == 7 * CFG.grad_accum:
+    def interrupt_inside_step_7(i):  # at its second micro-batch: the first has drawn its masks already
+        if i == 7 * CFG.grad_accum + 1:
             raise KeyboardInterrupt
         return window_batch(STREAM, CFG.batch_size, 16, CFG.seed, i)
-    with pytest.raises(TrainingInterrupted):
-        run(tmp_path / "cut", get_batch=interrupt_at_step_7, model=lora_model())
+    with pytest.raises(TrainingInterrupted) as info:
+        run(tmp_path / "cut", get_batch=interrupt_inside_step_7, model=lora_model())
+    assert info.value.step == 7
     resumed, _ = run(tmp_path / "cut", resume=True, model=lora_model())
     for (name, x), y in zip(unique_tensors(full).items(), unique_tensors(resumed).values()):
         assert torch.equal(x, y), name
