@@ -12,8 +12,20 @@ ARGS   ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
+# A .venv that cannot run pip with Python >= 3.11 (made by an older or since-removed Python, or half
+# made) is made again; one whose packages went missing loses its stamp, so they are installed again.
+VENV_MODULES := pip torch numpy tiktoken matplotlib safetensors tqdm microlm
+VENV_OK := $(shell $(PY) -c 'import sys, importlib.util as u; sys.exit(sys.version_info < (3, 11) or \
+  any(u.find_spec(m) is None for m in sys.argv[1:]))' $(VENV_MODULES) 2>/dev/null && echo yes)
+ifneq ($(VENV_OK),yes)
+$(shell rm -f $(STAMP) $(NBSTAMP))
+endif
+
 $(STAMP): requirements.txt pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "microlm needs Python >= 3.11 ($(PYTHON) is older, or does not run); run e.g. make $(MAKECMDGOALS) PYTHON=python3.12"; exit 1; }
+	@$(PY) -c 'import sys, importlib.util as u; sys.exit(sys.version_info < (3, 11) or u.find_spec("pip") is None)' \
+	  2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . \
 	  || $(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
@@ -32,7 +44,7 @@ pretrain: $(STAMP) ## build the story corpus, train the tokenizer and the GPT in
 	else $(VENV)/bin/microlm pretrain $(ARGS); fi
 
 lora-finetune: $(STAMP) ## LoRA r=8 on the question set, the full fine-tune baseline, and their comparison (runs/lora, runs/full)
-	@test -f runs/pretrain/summary.json || $(MAKE) --no-print-directory pretrain
+	@test -f runs/pretrain/summary.json || $(MAKE) --no-print-directory pretrain ARGS="$(filter --no-progress,$(ARGS))"
 	@if [ -f runs/lora/compare.json ] && [ -z "$(ARGS)" ]; then \
 	  echo "runs/lora is already compared (make lora-finetune ARGS=--overwrite runs it again)"; \
 	else $(VENV)/bin/microlm lora-finetune $(ARGS) \

@@ -90,7 +90,8 @@ def window_batch(stream: np.ndarray, batch_size: int, context: int, seed: int, s
     resumed at step s draws exactly the batches an uninterrupted run would have drawn.
     Known off-by-one, kept: starts are drawn from 0 .. len - context - 2, so the last window (start
     len - context - 1, whose last target is the stream's last token) is never drawn. Fixing the bound
-    changes every draw, and so every result the README reports, to add one start in six million."""
+    changes every draw, and so every result the README reports, to add one start in about three million
+    (the default training stream has 2.9 million tokens)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(stream) - context - 1, (batch_size,), generator=g).numpy()
     rows = np.stack([stream[s: s + context + 1] for s in starts]).astype(np.int64)
@@ -133,7 +134,9 @@ def document_rows(tokenizer, docs: list[str], context: int) -> EvalSet:
 
 
 def stream_rows(tokenizer, stream: np.ndarray, context: int, max_rows: int | None = None) -> EvalSet:
-    """Consecutive, non-overlapping windows of a token stream (for a corpus that is not stories)."""
+    """Consecutive, non-overlapping windows of a token stream (for a corpus that is not stories). The
+    last (len - 1) % context targets, less than one window, are not scored. An end token counts as one
+    character (the newline it stands for), as in document_rows and training's characters per token."""
     n = (len(stream) - 1) // context
     n = min(n, max_rows) if max_rows else n
     if n < 1:
@@ -141,7 +144,9 @@ def stream_rows(tokenizer, stream: np.ndarray, context: int, max_rows: int | Non
                           f"one window of --context-length {context}; use more text or a shorter context")
     t = torch.from_numpy(stream[: n * context + 1].astype(np.int64))
     x, y = t[:-1].view(n, context), t[1:].view(n, context)
-    n_chars = len(tokenizer.decode(y.flatten().tolist()))
+    targets = y.flatten().tolist()
+    ends = targets.count(tokenizer.eot_id)
+    n_chars = len(tokenizer.decode([t for t in targets if t != tokenizer.eot_id])) + ends
     return EvalSet(x, y, n_chars)
 
 

@@ -39,7 +39,10 @@ EOT = "<|endoftext|>"
 # fancy-regex's backtracking one, 2.5x faster on the stories (README: Benchmarks). What it gives up:
 # a run of spaces before a word is a word of its own ("  x" -> "  ", "x"), where GPT-4 leaves the
 # last space to the word ("  x" -> " ", " x"). On the default stories and SFT set both patterns give
-# the same tokens (checked when the pattern changed). tiktoken's Rust regex reads the same string.
+# the same tokens (checked when the pattern changed). Python's `regex` module (BPE training,
+# encode_python) and tiktoken's Rust regex split text the same way wherever both know the characters;
+# their Unicode tables are of different versions, so a letter or digit only the newer one knows (17,144
+# such letters with the versions pinned here) can split differently. The stories are ASCII.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+"""
 
 
@@ -160,7 +163,8 @@ def encode_python(text: str, ranks: dict[bytes, int], pattern: str = SPLIT_PATTE
 
     Per word: a word that is itself a token is that token (tiktoken's shortcut); otherwise start from
     its bytes and keep merging the adjacent pair whose merged bytes have the lowest rank (leftmost
-    on a tie) until no adjacent pair is a token.
+    on a tie) until no adjacent pair is a token. The same ids as tiktoken's wherever the two regex
+    engines' Unicode tables agree (see SPLIT_PATTERN).
     """
     ids = []
     for word in regex.findall(pattern, text):
@@ -253,19 +257,28 @@ class Tokenizer:
                 found = (obj.get("format"), obj.get("version")) if isinstance(obj, dict) else type(obj).__name__
                 raise ValueError(f"expected format {cls.FORMAT!r} version {cls.VERSION}, found {found}")
             if "stock" in obj:
-                return cls.stock(str(obj["stock"]))
+                try:
+                    return cls.stock(str(obj["stock"]))
+                except TokenizerUnavailable as e:
+                    raise TokenizerUnavailable(f"{path}: {e}") from None
             if missing := [k for k in ("name", "pattern", "special_tokens", "mergeable_ranks") if k not in obj]:
                 raise ValueError(f"missing keys {missing}")
+            if not isinstance(obj["name"], str) or not isinstance(obj["pattern"], str):
+                raise ValueError("name and pattern must be strings")
             tokens = [base64.b64decode(t, validate=True) for t in obj["mergeable_ranks"]]
             ranks = {t: i for i, t in enumerate(tokens)}
-            if tokens[:256] != [bytes([i]) for i in range(256)] or len(ranks) != len(tokens):
-                raise ValueError("mergeable_ranks must be the 256 single bytes in order, then distinct merged tokens")
+            if (tokens[:256] != [bytes([i]) for i in range(256)] or len(ranks) != len(tokens)
+                    or any(len(t) < 2 for t in tokens[256:])):
+                raise ValueError("mergeable_ranks must be the 256 single bytes in order, then distinct merged tokens "
+                                 "of two bytes or more")
             specials = obj["special_tokens"]
+            if not all(isinstance(k, str) and k for k in specials):  # an empty one would match everywhere
+                raise ValueError(f"special tokens must be non-empty strings, got {sorted(specials)}")
             if sorted(specials.values()) != list(range(len(tokens), len(tokens) + len(specials))):
                 raise ValueError(f"special token ids must follow the {len(tokens)} mergeable ranks, got {specials}")
             encoding = tiktoken.Encoding(name=obj["name"], pat_str=obj["pattern"], mergeable_ranks=ranks,
                                          special_tokens=specials)
-        except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:  # JSON, base64 errors are ValueErrors
+        except (UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as e:  # JSON, base64: ValueError
             raise TokenizerFileError(f"{path}: not a usable microlm tokenizer file ({e}). It may be truncated or "
                                      "of another kind; `microlm pretrain` writes a new one") from None
         return cls(encoding, ranks, obj["pattern"])

@@ -360,6 +360,8 @@ def split_of(text: str) -> str:
 def generate_splits(world: World, sizes: dict[str, int], seed: int) -> dict[str, list[Story]]:
     """Draw stories i.i.d. with a seeded RNG and deal them into splits by hash until each split
     named in `sizes` is full. Deterministic: the same seed gives the same lists."""
+    if unknown := sorted(set(sizes) - {"train", "val", "sft"}):
+        raise ValueError(f"unknown split(s) {unknown}: split_of deals stories into 'train', 'val' and 'sft' only")
     rng = random.Random(seed)
     out = {name: [] for name in sizes}
     while any(len(out[k]) < n for k, n in sizes.items()):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from microlm.data import IGNORE, CorpusError, document_rows, encode_documents, read_corpus, window_batch
+from microlm.data import (IGNORE, CorpusError, document_rows, encode_documents, read_corpus, stream_rows,
+                          window_batch)
 from microlm.tokenizer import EOT, Tokenizer, train_bpe
 
 DOCS = ["Ann is at the park with a red ball.", "Tom goes to the shop.", "Mia takes the cup from Tom."] * 5
@@ -30,6 +31,17 @@ def test_document_rows_score_every_document_token_and_its_end_token_once(tok):
     for x, y in zip(rows.inputs, rows.targets):
         n = int((y != IGNORE).sum())
         assert torch.equal(x[1:n], y[: n - 1])
+
+
+def test_stream_rows_count_an_end_token_as_one_character_and_drop_only_the_tail(tok):
+    text = " ".join(DOCS)
+    stream = encode_documents(tok, [text])  # <eot> text <eot>: the last target is the end token
+    whole = stream_rows(tok, stream, context=len(stream) - 1)  # one window: every target is scored
+    assert whole.targets.numel() == len(stream) - 1 and whole.targets[0, -1] == tok.eot_id
+    assert whole.n_chars == len(text) + 1  # as document_rows and characters per token count it
+    rows = stream_rows(tok, stream, context=10)  # the last (len - 1) % 10 targets are left out
+    assert rows.targets.numel() == (len(stream) - 1) // 10 * 10
+    assert torch.equal(rows.targets.flatten(), torch.from_numpy(stream[1: rows.targets.numel() + 1]).long())
 
 
 def test_a_document_longer_than_the_context_is_an_error(tok):

@@ -163,7 +163,8 @@ def test_a_missing_tokenizer_file_says_how_to_make_one(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not json", "other format", "missing key", "duplicate token",
-                                    "bad special id", "not base64"])
+                                    "bad special id", "not base64", "empty special token", "empty merged token",
+                                    "deeply nested"])
 def test_a_bad_tokenizer_file_names_the_file_and_the_problem(tok, tmp_path, damage):
     tok.save(tmp_path / "good.json")
     text = (tmp_path / "good.json").read_text()
@@ -183,10 +184,17 @@ def test_a_bad_tokenizer_file_names_the_file_and_the_problem(tok, tmp_path, dama
     elif damage == "bad special id":
         obj["special_tokens"][EOT] += 5
         problem = "special token ids"
+    elif damage == "empty special token":  # would match between every two characters: encode never ended
+        obj["special_tokens"][""] = len(obj["mergeable_ranks"]) + 1
+        problem = "non-empty strings"
+    elif damage == "empty merged token":
+        obj["mergeable_ranks"][300], problem = "", "two bytes or more"
+    elif damage == "deeply nested":
+        text, problem = "[" * 100_000 + "]" * 100_000, "not a usable"
     else:
         obj["mergeable_ranks"][300], problem = "not base64!", "not a usable"
     bad = tmp_path / "bad.json"
-    bad.write_text(text if damage in ("truncated", "not json") else json.dumps(obj))
+    bad.write_text(text if damage in ("truncated", "not json", "deeply nested") else json.dumps(obj))
     with pytest.raises(TokenizerFileError, match=f"bad\\.json.*{problem}"):
         Tokenizer.load(bad)
 

@@ -106,6 +106,8 @@ def test_same_seed_gives_identical_splits_and_splits_are_disjoint():
     assert [s.text for s in a["train"]] == [s.text for s in b["train"]]
     assert not {s.text for s in a["train"]} & {s.text for s in a["val"]}
     assert all(split_of(s.text) == "val" for s in a["val"])
+    with pytest.raises(ValueError, match=r"unknown split\(s\) \['test'\]"):  # no story would ever fill it
+        generate_splits(World(), {"train": 5, "test": 1}, seed=7)
 
 
 def test_entropy_stats_counts_the_newline_of_every_story():
