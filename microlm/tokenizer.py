@@ -42,7 +42,7 @@ EOT = "<|endoftext|>"
 # the same tokens (checked when the pattern changed). Python's `regex` module (BPE training,
 # encode_python) and tiktoken's Rust regex split text the same way wherever both know the characters;
 # their Unicode tables are of different versions, so a letter or digit only the newer one knows (17,144
-# such letters with the versions pinned here) can split differently. The stories are ASCII.
+# letters with the versions installed when this was written) can split differently. The stories are ASCII.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+"""
 
 
