@@ -15,13 +15,11 @@ its time goes, beside the time its arithmetic alone would take at the machine's 
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_training import PROFILE_PARTS, op_part
-from microlm.evaluate import decode, timing_stats
+from microlm.evaluate import decode
 from microlm.generate import generate
 from microlm.model import GPT, GPTConfig
 from microlm.train import matmul_peak_flops
@@ -55,8 +53,7 @@ def token_profile(model: GPT, n_tokens: int, repeats: int) -> dict:
     print(f"  generation  profile of {n_tokens} cached steps, batch 1", flush=True)
     prompt = torch.full((1, 1), max(model.config.eot_id, 0))
     tokens = generate(model, prompt, n_tokens, temperature=0.0)[0]
-    decode(model, prompt, tokens)  # warm-up
-    timed = timing_stats([_seconds(lambda: decode(model, prompt, tokens)) for _ in range(repeats)])
+    timed = side_by_side({"decode": lambda: decode(model, prompt, tokens)}, repeats)["decode"]  # warm-up first
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         decode(model, prompt, tokens)
     parts = dict.fromkeys(PROFILE_PARTS, 0.0)
@@ -72,12 +69,6 @@ def token_profile(model: GPT, n_tokens: int, repeats: int) -> dict:
             "calls_per_token": calls / len(tokens),
             "python_calls_per_token": top_calls / len(tokens), "matmul_flops_per_token": 2 * weights,
             "matmul_peak_flops": matmul_peak_flops()}
-
-
-def _seconds(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def _cache_vs_recompute(model: GPT, n: int, batch_size: int, lengths, room: int, repeats: int) -> dict:

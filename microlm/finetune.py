@@ -349,15 +349,14 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
     """Fold a LoRA run's adapter into its base and write a standalone model folder."""
     from .checkpoint import save_weights
     from .lora import lora_layers, merge_and_unload
-    from .runs import UsageError, check_run_dir, prepare_run_dir, provenance
+    from .runs import UsageError, prepare_run_dir, provenance
     model, tokenizer, base_config, run_config = load_lora_run(lora_dir, "cpu", base_dir)
     base_dir = base_dir or run_config.get("base")
     out = Path(out_dir).resolve()
     for what, folder in (("the adapter's run folder", lora_dir), ("its base model's folder", base_dir)):
-        if out == Path(folder).resolve() or out in Path(folder).resolve().parents:
+        if out in (folder := Path(folder).resolve(), *folder.parents):
             raise UsageError(f"--out {out_dir} is or holds {what} ({folder}): the merged model would replace its own "
                              "input; choose another --out")
-    check_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     prepare_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     merge_and_unload(model)
     assert not lora_layers(model)
