@@ -1,10 +1,15 @@
 """Generation: what the KV cache saves.
 
-Greedy decoding from `<|endoftext|>` (as `microlm sample` starts a story), through
+Decoding from `<|endoftext|>` (as `microlm sample` starts a story), through
 microlm.generate.generate twice: with the cache, each step feeds one token and attends to the stored
 keys and values; with use_cache=False, each step runs the whole prefix through the model again, so
 the work per step grows with the length and the total with its square. The ratio therefore grows
 with the number of new tokens, which the context caps (the prompt takes one position).
+
+The tokens are sampled at temperature 1.0, as `make pretrain` samples its stories, from a generator
+seeded alike for every call, so both paths decode the same tokens. (Greedy decoding of this random
+model picks the end token at every step: each step would then take the document-mask path, which a
+story, with no end token before its own end, never does.)
 
 At batch 1 a cached step of this small model is mostly fixed per-call overhead (a few hundred small
 kernels), which no cache removes; recomputing grows with batch x length. So the longest length is also
@@ -26,9 +31,15 @@ from microlm.train import matmul_peak_flops
 from timing import paired_ratio, side_by_side, target
 
 
+def sampling() -> dict:
+    """generate's sampling arguments: temperature 1.0 and a fresh generator with the same seed, so
+    every call draws the same tokens (up to a near-tie that rounding tips, which same_tokens records)."""
+    return {"temperature": 1.0, "generator": torch.Generator().manual_seed(0)}
+
+
 def bench_generation(config: GPTConfig, lengths: tuple[int, ...], repeats: int, batch_size: int) -> dict:
     torch.manual_seed(0)
-    model = GPT(config).eval()  # random weights: the speed does not depend on them
+    model = GPT(config).eval()  # random weights: the speed depends on them only through the tokens drawn
     room = config.context_length - 1  # the prompt takes one position
     rows = [_cache_vs_recompute(model, n, 1, lengths, room, repeats)
             for n in sorted({min(n, room) for n in lengths})]  # lengths the context caps to the same n run once
@@ -42,9 +53,9 @@ def bench_generation(config: GPTConfig, lengths: tuple[int, ...], repeats: int, 
 
 
 def token_profile(model: GPT, n_tokens: int, repeats: int) -> dict:
-    """One cached decoding step at batch 1, taken apart: n_tokens greedy steps (microlm.evaluate.decode,
-    as the latency figures run them) under torch.profiler, after a warm-up. Per token: the operator
-    calls made from Python (top-level aten ops), all operator calls (with the ones they make), and
+    """One cached decoding step at batch 1, taken apart: n_tokens steps (microlm.evaluate.decode, as the
+    latency figures run them, on tokens sampled as above) under torch.profiler, after a warm-up. Per
+    token: the operator calls made from Python (top-level aten ops), all operator calls (with the ones they make), and
     the self CPU seconds of each part (bench_training.op_part). Beside them, the forward FLOPs of a
     token's matmuls (2 per weight, lm_head included; the attention over the prefix adds at most 4 *
     n_layers * d_model * context more) and the fp32 matmul peak measured now: how long the arithmetic
@@ -52,7 +63,7 @@ def token_profile(model: GPT, n_tokens: int, repeats: int) -> dict:
     operators' self time leaves out the Python that runs between them, which the timed figure holds."""
     print(f"  generation  profile of {n_tokens} cached steps, batch 1", flush=True)
     prompt = torch.full((1, 1), max(model.config.eot_id, 0))
-    tokens = generate(model, prompt, n_tokens, temperature=0.0)[0]
+    tokens = generate(model, prompt, n_tokens, **sampling())[0]
     timed = side_by_side({"decode": lambda: decode(model, prompt, tokens)}, repeats)["decode"]  # warm-up first
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         decode(model, prompt, tokens)
@@ -78,7 +89,7 @@ def _cache_vs_recompute(model: GPT, n: int, batch_size: int, lengths, room: int,
     last = {}  # each path's tokens from its last timed call
 
     def run(use_cache: bool):
-        last[use_cache] = generate(model, prompt, n, temperature=0.0, use_cache=use_cache)
+        last[use_cache] = generate(model, prompt, n, **sampling(), use_cache=use_cache)
 
     t = side_by_side({"kv_cache": lambda: run(True), "recompute": lambda: run(False)}, repeats)
     return {

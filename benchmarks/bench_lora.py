@@ -4,11 +4,15 @@ Training: one step of LoRA r=8 on q, k, v and output_proj (microlm's defaults) a
 fine-tuning, same model, batch and optimizer (microlm.compare.step_cost, taking turns), and the
 tensor memory of each step at its peak (microlm.finetune.training_memory: weights, saved activations,
 gradients, AdamW moments). LoRA skips the weight gradients of the frozen matrices and their AdamW
-state, but the backward pass still carries gradients through every layer to reach the adapters.
+state, but the backward pass still carries gradients through every layer to reach the adapters. A
+third contender measures that floor: the same model with every weight frozen but the first block's
+attention-norm gain, so its backward runs through every layer as LoRA's must, with no adapter and no
+weight gradient to compute. No LoRA step can be much cheaper than it.
 
-Inference: seconds per generated token (batch 1, KV cache, greedy; microlm.evaluate.per_token_latency)
-of the base, the adapter merged and unloaded (plain nn.Linear again: what is deployed), merged in
-place (LoRALinear wrappers kept) and unmerged (two extra small matmuls per adapted layer).
+Inference: seconds per generated token (batch 1, KV cache; microlm.evaluate.per_token_latency, every
+model decoding the same tokens, sampled from the base as bench_generation samples) of the base, the
+adapter merged and unloaded (plain nn.Linear again: what is deployed), merged in place (LoRALinear
+wrappers kept) and unmerged (two extra small matmuls per adapted layer).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import dataclasses
 
 import torch
 
+from bench_generation import sampling
 from bench_training import random_batch
 from microlm.compare import step_cost
 from microlm.evaluate import per_token_latency
 from microlm.finetune import LoRAConfig, finetune_defaults, prepare_model, training_memory
+from microlm.generate import generate
 from microlm.lora import lora_layers, merge_and_unload, merge_lora
 from microlm.model import GPT, GPTConfig
 from timing import paired_ratio, target
@@ -35,9 +41,10 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
     batch = random_batch(config.vocab_size, batch_size, config.context_length)
 
     print(f"  lora  training step, r={lora_cfg.r} on {', '.join(lora_cfg.targets)} vs full", flush=True)
-    trainers = {"lora": prepare_model(copy.deepcopy(base), lora_cfg), "full": prepare_model(copy.deepcopy(base), None)}
+    trainers = {"lora": prepare_model(copy.deepcopy(base), lora_cfg), "full": prepare_model(copy.deepcopy(base), None),
+                "frozen": frozen_but_first_norm(base)}
     step = step_cost(trainers, batch, train_cfg, repeats)
-    memory = {name: training_memory(m, batch, train_cfg) for name, m in trainers.items()}
+    memory = {name: training_memory(trainers[name], batch, train_cfg) for name in ("lora", "full")}
     trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in trainers.items()}
     del trainers
 
@@ -53,8 +60,9 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
     n_tokens = min(latency_tokens, config.context_length - 1)
     # Three times the repeats: a repeat is a fraction of a second, and with seven the medians of two
     # identical models came out up to 3% apart on this noisy 2-core machine.
-    latency = per_token_latency({"base": base.eval(), "merged": merged, "merged_in_place": merged_in_place,
-                                 "unmerged": adapted}, prompt, n_tokens, 3 * repeats)
+    tokens = generate(base.eval(), prompt, n_tokens, **sampling())[0]  # story-like tokens (bench_generation)
+    latency = per_token_latency({"base": base, "merged": merged, "merged_in_place": merged_in_place,
+                                 "unmerged": adapted}, prompt, n_tokens, 3 * repeats, tokens)
 
     vs_base = {k: paired_ratio(v, latency["base"]) for k, v in latency.items() if k != "base"}
     step_ratio = paired_ratio(step["lora"], step["full"])
@@ -62,6 +70,8 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
     return {
         "lora": dataclasses.asdict(lora_cfg), "batch": list(batch[0].shape), "trainable_params": trainable,
         "train_step": step, "step_ratio_lora_full": step_ratio,
+        "step_ratio_frozen_full": paired_ratio(step["frozen"], step["full"]),
+        "step_ratio_lora_frozen": paired_ratio(step["lora"], step["frozen"]),
         "train_memory_bytes": memory, "memory_ratio_lora_full": memory_ratio,
         "latency_tokens": n_tokens, "latency_per_token": latency,
         "latency_ratio_to_base": vs_base,
@@ -69,3 +79,13 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
                     "lora_memory_vs_full": target(memory_ratio, "<", 1.0),
                     "merged_latency_vs_base": target(vs_base["merged"]["median"], "<=", 1.03)},
     }
+
+
+def frozen_but_first_norm(base: GPT) -> GPT:
+    """A copy of base whose only trainable weight is the first block's attention-norm gain: the
+    gradient must still flow back through every layer to reach it, as it must to reach LoRA's adapters
+    in the first block, but no weight gradient of a matrix is computed and AdamW updates one vector."""
+    model = copy.deepcopy(base).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "blocks.0.attn_norm.weight")
+    return model

@@ -86,7 +86,7 @@ def generation_rows(gen: dict) -> list[tuple]:
         capped = [r for r in g["requested"] if r != n]
         label = f"generation, {n} new tokens" + (f" ({', '.join(map(str, capped))} capped by the context "
                                                    f"{gen['context_length']})" if capped else "")
-        rows.append((label + ": KV cache vs recomputing the prefix (greedy, batch 1)",
+        rows.append((label + ": KV cache vs recomputing the prefix (sampled at T = 1.0, batch 1)",
                      f"{_rate(n, g['time']['kv_cache'], 'tok/s')} vs {_rate(n, g['time']['recompute'], 'tok/s')}",
                      _ratio(g["speedup"], ".1f"),
                      _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
@@ -125,6 +125,10 @@ def lora_rows(lo: dict) -> list[tuple]:
         (f"LoRA r={r} ({', '.join(lo['lora']['targets'])}) vs full fine-tuning: step time, batch "
          f"{lo['batch'][0]} x {lo['batch'][1]}", f"{_ms(step['lora'])} vs {_ms(step['full'])}",
          _ratio(lo["step_ratio_lora_full"]), _mark(targets["lora_step_vs_full"])),
+        *([("LoRA's floor: a step with every weight frozen but the first block's attention-norm gain (no "
+            "adapters, no weight gradients; the backward still runs through every layer, as LoRA's must)",
+            f"{_ms(step['frozen'])}", f"{_ratio(lo['step_ratio_frozen_full'])} full; LoRA "
+            f"{_ratio(lo['step_ratio_lora_frozen'])} of it", "")] if "frozen" in step else []),
         ("LoRA vs full: tensor memory of a step (weights, saved activations, gradients, AdamW state)",
          f"{mem['lora']['total'] / 2**20:.1f} vs {mem['full']['total'] / 2**20:.1f} MiB",
          f"{lo['memory_ratio_lora_full']:.2f}x", _mark(targets["lora_memory_vs_full"])),
