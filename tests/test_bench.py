@@ -155,6 +155,38 @@ def test_lora_compares_step_memory_and_latency(bench):
     assert lo["memory_ratio_lora_full"] < 1  # tensors are counted, not timed: this holds even when quick
     assert set(lo["latency_ratio_to_base"]) == {"merged", "merged_in_place", "unmerged"}
     assert set(lo["targets"]) == {"lora_step_vs_full", "lora_memory_vs_full", "merged_latency_vs_base"}
+    # the floor beside them: one trainable vector, the first block's attention-norm gain (d_model numbers)
+    assert set(lo["train_step"]) == {"lora", "full", "frozen"}
+    assert lo["trainable_params"]["frozen"] == bench[0]["settings"]["model"]["d_model"]
+    assert lo["step_ratio_frozen_full"]["median"] > 0 and lo["step_ratio_lora_frozen"]["median"] > 0
+
+
+def test_the_lora_floor_runs_the_backward_down_to_the_first_block():
+    from microlm.model import GPT, GPTConfig
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=32, context_length=16, d_model=16, n_layers=3, n_heads=2))
+    floor = from_benchmarks("bench_lora").frozen_but_first_norm(base)
+    assert [n for n, p in floor.named_parameters() if p.requires_grad] == ["blocks.0.attn_norm.weight"]
+    assert all(p.requires_grad for p in base.parameters())  # a copy: the base is left as it was
+    floor(torch.randint(0, 32, (2, 16))).square().mean().backward()
+    assert floor.blocks[0].attn_norm.weight.grad.abs().sum() > 0  # the gradient got through every block
+
+
+def test_decoding_is_timed_on_sampled_tokens_the_same_every_call():
+    # Greedy decoding of a random model can repeat one token (the end token, for the default model),
+    # which no story does; a seeded sample at temperature 1.0 varies and is drawn alike every call.
+    from microlm.generate import generate
+    from microlm.model import GPT, GPTConfig
+    torch = pytest.importorskip("torch")
+    sampling = from_benchmarks("bench_generation").sampling
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context_length=64, d_model=16, n_layers=1, n_heads=2, eot_id=63)).eval()
+    prompt = torch.tensor([[63]])
+    first = generate(model, prompt, 40, **sampling())
+    assert generate(model, prompt, 40, **sampling()) == first
+    assert generate(model, prompt, 40, **sampling(), use_cache=False) == first
+    assert len(set(first[0])) > 10
 
 
 def test_memory_says_what_to_run_when_no_run_measured_it(bench):

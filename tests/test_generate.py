@@ -149,6 +149,19 @@ def test_decode_with_fixed_tokens_does_greedy_decodings_work(model):
     assert len(decode(model, prompt, [5] * 10)) == 10
 
 
+def test_per_token_latency_decodes_the_tokens_it_is_given(model, monkeypatch):
+    import microlm.evaluate as evaluate
+    decoded = []
+    real = evaluate.decode
+    monkeypatch.setattr(evaluate, "decode", lambda m, p, tokens: decoded.append(list(tokens)) or real(m, p, tokens))
+    prompt = torch.tensor([[1, 2, 3]])
+    evaluate.per_token_latency({"a": model, "b": model}, prompt, n_tokens=10, repeats=2, tokens=[5, 6, 7])
+    assert decoded and all(t == [5, 6, 7] for t in decoded)
+    decoded.clear()
+    evaluate.per_token_latency({"a": model}, prompt, n_tokens=10, repeats=1)  # default: the greedy continuation
+    assert decoded and all(t == generate(model, prompt, 10, temperature=0.0)[0] for t in decoded)
+
+
 class Oracle(torch.nn.Module):
     """Teacher-forced "model" whose top choice at every position is the token that follows (or, with
     wrong=True, never is): lookup_accuracy must then report 100% (or 0%) everywhere."""
