@@ -805,7 +805,7 @@ MODEL = [
     neighbours to mix in. On this story world, with $k = 8$, all four training seeds tried wrote 97.5%
     to 99.5% valid stories, where the plain model reached the 95% target on one seed of four (87.5% on
     the worst); but training took 12% longer, close to the 10 minutes `make pretrain` has, so it is
-    still off by default (`conv_kernel = 0`, the model above; the README has the runs). Inputs
+    still off by default (`conv_kernel = 0`, the model above; results/HISTORY.md has the runs). Inputs
     before the start of a story count as zero, as the document mask asks: packed stories still cannot
     see each other. Below, a ShortConv with random weights (zeros would check nothing) against the
     formula written out.
