@@ -7,7 +7,7 @@ and each 4 KiB page costs a page fault and zero-filling on first touch: at the d
 training step of microlm's GPT took 8,500 to 11,800 page faults (the GPT-2-style baseline in
 benchmarks/, whose allocations happen to suit glibc's heuristics: none). Two settings stop the churn:
 blocks under 32 MiB come from the heap, and the heap is not trimmed, so a step reuses the last step's
-pages: 1 or 2 faults a step, and a step about 3% faster (results/HISTORY.md, speed work). The peak is reached
+pages: 1 or 2 faults a step, and a step about 3% faster (results/HISTORY.md, "Speed work in earlier versions"). The peak is reached
 either way, so peak memory barely changes; what changes is that it is not returned until the process ends.
 """
 
