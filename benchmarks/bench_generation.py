@@ -9,7 +9,10 @@ with the number of new tokens, which the context caps (the prompt takes one posi
 The tokens are sampled at temperature 1.0, as `make pretrain` samples its stories, from a generator
 seeded alike for every call, so both paths decode the same tokens. (Greedy decoding of this random
 model picks the end token at every step: each step would then take the document-mask path, which a
-story, with no end token before its own end, never does.)
+story, with no end token before its own end, never does.) A sample can still draw the end token
+(about one step in 350 here): from then on that row, and its whole batch, takes the document-mask
+path, as when `make pretrain` samples 50 stories at a time and finished rows go on. Each figure
+records the first step at which that happened (first_end_token_step; None: never).
 
 At batch 1 a cached step of this small model is mostly fixed per-call overhead (a few hundred small
 kernels), which no cache removes; recomputing grows with batch x length. So the longest length is also
@@ -31,10 +34,20 @@ from microlm.train import matmul_peak_flops
 from timing import paired_ratio, side_by_side, target
 
 
+DECODING = {"temperature": 1.0, "seed": 0}  # how the timed tokens are drawn, recorded with the results
+
+
 def sampling() -> dict:
     """generate's sampling arguments: temperature 1.0 and a fresh generator with the same seed, so
     every call draws the same tokens (up to a near-tie that rounding tips, which same_tokens records)."""
-    return {"temperature": 1.0, "generator": torch.Generator().manual_seed(0)}
+    return {"temperature": DECODING["temperature"], "generator": torch.Generator().manual_seed(DECODING["seed"])}
+
+
+def first_end_token_step(rows: list[list[int]], eot_id: int) -> int | None:
+    """The first step at which any row drew the end token (the document mask is built from the step
+    after it on), or None."""
+    steps = [row.index(eot_id) for row in rows if eot_id in row]
+    return min(steps) if steps else None
 
 
 def bench_generation(config: GPTConfig, lengths: tuple[int, ...], repeats: int, batch_size: int) -> dict:
@@ -46,7 +59,8 @@ def bench_generation(config: GPTConfig, lengths: tuple[int, ...], repeats: int, 
     # Recomputing 50 rows of 255 tokens takes 30 to 40 s a call, most of the whole benchmark's time at 7
     # repeats; half as many still leave its spread far below a ratio of about 25x.
     batched = _cache_vs_recompute(model, rows[-1]["new_tokens"], batch_size, lengths, room, max(1, repeats // 2))
-    return {"batch_size": 1, "context_length": config.context_length, "lengths": rows, "batched": batched,
+    return {"batch_size": 1, "context_length": config.context_length, "decoding": DECODING,
+            "lengths": rows, "batched": batched,
             "token_profile": token_profile(model, min(64, room), repeats),
             "targets": {"kv_cache_speedup_longest": target(rows[-1]["speedup"]["median"], ">=", 10.0),
                         "kv_cache_speedup_longest_batched": target(batched["speedup"]["median"], ">=", 10.0)}}
@@ -76,7 +90,8 @@ def token_profile(model: GPT, n_tokens: int, repeats: int) -> dict:
         parts[op_part(e)] += e.self_cpu_time_total * 1e-6 / len(tokens)
     # every matmul weight once: the blocks' linears and lm_head (an nn.Linear, tied to the embedding or not)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return {"tokens": len(tokens), "seconds_per_token": parts, "timed_seconds_per_token": timed["median_s"] / len(tokens),
+    return {"tokens": len(tokens), "first_end_token_step": first_end_token_step([tokens], model.config.eot_id),
+            "seconds_per_token": parts, "timed_seconds_per_token": timed["median_s"] / len(tokens),
             "calls_per_token": calls / len(tokens),
             "python_calls_per_token": top_calls / len(tokens), "matmul_flops_per_token": 2 * weights,
             "matmul_peak_flops": matmul_peak_flops()}
@@ -99,4 +114,5 @@ def _cache_vs_recompute(model: GPT, n: int, batch_size: int, lengths, room: int,
         # Both paths compute the same logits up to rounding (tests/test_model.py); a near-tie between
         # two tokens of a random model may still tip differently, so this is recorded, not asserted.
         "same_tokens": last[True] == last[False],
+        "first_end_token_step": first_end_token_step(last[True], model.config.eot_id),
     }

@@ -5,9 +5,9 @@ fine-tuning, same model, batch and optimizer (microlm.compare.step_cost, taking 
 tensor memory of each step at its peak (microlm.finetune.training_memory: weights, saved activations,
 gradients, AdamW moments). LoRA skips the weight gradients of the frozen matrices and their AdamW
 state, but the backward pass still carries gradients through every layer to reach the adapters. A
-third contender measures that floor: the same model with every weight frozen but the first block's
-attention-norm gain, so its backward runs through every layer as LoRA's must, with no adapter and no
-weight gradient to compute. No LoRA step can be much cheaper than it.
+third contender measures that floor (lora_floor): the same model with every weight frozen but the
+first block's query and key norm gains, so its backward runs through every layer as LoRA's must,
+with no adapter and no weight gradient of a matrix to compute. No LoRA step can be much cheaper.
 
 Inference: seconds per generated token (batch 1, KV cache; microlm.evaluate.per_token_latency, every
 model decoding the same tokens, sampled from the base as bench_generation samples) of the base, the
@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from bench_generation import sampling
+from bench_generation import DECODING, first_end_token_step, sampling
 from bench_training import random_batch
 from microlm.compare import step_cost
 from microlm.evaluate import per_token_latency
@@ -42,7 +42,7 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
 
     print(f"  lora  training step, r={lora_cfg.r} on {', '.join(lora_cfg.targets)} vs full", flush=True)
     trainers = {"lora": prepare_model(copy.deepcopy(base), lora_cfg), "full": prepare_model(copy.deepcopy(base), None),
-                "frozen": frozen_but_first_norm(base)}
+                "frozen": lora_floor(base)}
     step = step_cost(trainers, batch, train_cfg, repeats)
     memory = {name: training_memory(trainers[name], batch, train_cfg) for name in ("lora", "full")}
     trainable = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in trainers.items()}
@@ -62,7 +62,7 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
     # identical models came out up to 3% apart on this noisy 2-core machine.
     tokens = generate(base.eval(), prompt, n_tokens, **sampling())[0]  # story-like tokens (bench_generation)
     latency = per_token_latency({"base": base, "merged": merged, "merged_in_place": merged_in_place,
-                                 "unmerged": adapted}, prompt, n_tokens, 3 * repeats, tokens)
+                                 "unmerged": adapted}, prompt, repeats=3 * repeats, tokens=tokens)
 
     vs_base = {k: paired_ratio(v, latency["base"]) for k, v in latency.items() if k != "base"}
     step_ratio = paired_ratio(step["lora"], step["full"])
@@ -73,7 +73,9 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
         "step_ratio_frozen_full": paired_ratio(step["frozen"], step["full"]),
         "step_ratio_lora_frozen": paired_ratio(step["lora"], step["frozen"]),
         "train_memory_bytes": memory, "memory_ratio_lora_full": memory_ratio,
-        "latency_tokens": n_tokens, "latency_per_token": latency,
+        "latency_tokens": len(tokens), "latency_decoding": DECODING,
+        "latency_first_end_token_step": first_end_token_step([tokens], config.eot_id),
+        "latency_per_token": latency,
         "latency_ratio_to_base": vs_base,
         "targets": {"lora_step_vs_full": target(step_ratio["median"], "<=", 0.8),
                     "lora_memory_vs_full": target(memory_ratio, "<", 1.0),
@@ -81,11 +83,19 @@ def bench_lora(config: GPTConfig, batch_size: int, repeats: int, latency_tokens:
     }
 
 
-def frozen_but_first_norm(base: GPT) -> GPT:
-    """A copy of base whose only trainable weight is the first block's attention-norm gain: the
-    gradient must still flow back through every layer to reach it, as it must to reach LoRA's adapters
-    in the first block, but no weight gradient of a matrix is computed and AdamW updates one vector."""
+def lora_floor(base: GPT) -> GPT:
+    """A copy of base whose only trainable weights are the first block's query and key norm gains
+    (QK-norm; without it, the first block's attention-norm gain). The gradient must still flow back
+    through every layer to reach them, as it must to reach LoRA's adapters on q, k, v and output_proj
+    of the first block, but no weight gradient of a matrix is computed, and AdamW updates two small
+    vectors. (The attention-norm gain would also send the gradient back through the first block's
+    frozen q, k and v projections, which LoRA never needs: their input is the frozen embedding.)"""
     model = copy.deepcopy(base).train()
-    for name, p in model.named_parameters():
-        p.requires_grad_(name == "blocks.0.attn_norm.weight")
+    attn = model.blocks[0].attn
+    trainable = ([attn.q_norm.weight, attn.k_norm.weight] if model.config.qk_norm
+                 else [model.blocks[0].attn_norm.weight])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
     return model

@@ -78,6 +78,13 @@ def _profile_row(size: str, prof: dict) -> tuple:
                                                  for k in ours if base[k] > 0), "")
 
 
+def _decoding(res: dict, key: str = "decoding") -> str:
+    """How a benchmark drew the tokens it decoded; results from before sampling was recorded decoded
+    greedily."""
+    d = res.get(key)
+    return f"sampled at T = {d['temperature']}" if d else "greedy"
+
+
 def generation_rows(gen: dict) -> list[tuple]:
     rows = []
     longest = gen["lengths"][-1]["new_tokens"]
@@ -86,14 +93,17 @@ def generation_rows(gen: dict) -> list[tuple]:
         capped = [r for r in g["requested"] if r != n]
         label = f"generation, {n} new tokens" + (f" ({', '.join(map(str, capped))} capped by the context "
                                                    f"{gen['context_length']})" if capped else "")
-        rows.append((label + ": KV cache vs recomputing the prefix (sampled at T = 1.0, batch 1)",
+        rows.append((label + f": KV cache vs recomputing the prefix ({_decoding(gen)}, batch 1)",
                      f"{_rate(n, g['time']['kv_cache'], 'tok/s')} vs {_rate(n, g['time']['recompute'], 'tok/s')}",
                      _ratio(g["speedup"], ".1f"),
                      _mark(gen["targets"]["kv_cache_speedup_longest"]) if n == longest else ""))
     b = gen["batched"]
     tokens = b["new_tokens"] * b["batch_size"]
+    first_end = b.get("first_end_token_step")
     rows.append((f"generation, {b['new_tokens']} new tokens, batch {b['batch_size']}: KV cache vs recomputing "
-                 f"({b['time']['recompute']['n']} repeats)",
+                 f"({_decoding(gen)}, {b['time']['recompute']['n']} repeats"
+                 + (f"; a row drew the end token at step {first_end}: the document mask from then on" if
+                    first_end is not None else "") + ")",
                  f"{_rate(tokens, b['time']['kv_cache'], 'tok/s')} vs {_rate(tokens, b['time']['recompute'], 'tok/s')}",
                  _ratio(b["speedup"], ".1f"), _mark(gen["targets"]["kv_cache_speedup_longest_batched"])))
     rows.append(_token_profile_row(gen["token_profile"]))
@@ -125,8 +135,9 @@ def lora_rows(lo: dict) -> list[tuple]:
         (f"LoRA r={r} ({', '.join(lo['lora']['targets'])}) vs full fine-tuning: step time, batch "
          f"{lo['batch'][0]} x {lo['batch'][1]}", f"{_ms(step['lora'])} vs {_ms(step['full'])}",
          _ratio(lo["step_ratio_lora_full"]), _mark(targets["lora_step_vs_full"])),
-        *([("LoRA's floor: a step with every weight frozen but the first block's attention-norm gain (no "
-            "adapters, no weight gradients; the backward still runs through every layer, as LoRA's must)",
+        *([("LoRA's floor: a step with every weight frozen but the first block's query and key norm gains "
+            "(no adapters, no weight gradients of matrices; the backward still runs through every layer, as "
+            "LoRA's must)",
             f"{_ms(step['frozen'])}", f"{_ratio(lo['step_ratio_frozen_full'])} full; LoRA "
             f"{_ratio(lo['step_ratio_lora_frozen'])} of it", "")] if "frozen" in step else []),
         ("LoRA vs full: tensor memory of a step (weights, saved activations, gradients, AdamW state)",

@@ -77,12 +77,15 @@ def training_step(model, opt, x, y) -> None:
 
 def step_cost(models: dict, batch, cfg: TrainConfig, repeats: int = 9) -> dict:
     """Seconds per optimizer step of each model on the same batch, the models taking turns after two
-    warm-up rounds: timing_stats per model (median, min, max and the rounds' timings)."""
+    warm-up rounds, each round starting with the next model (so that no model always follows the
+    same one): timing_stats per model (median, min, max and the rounds' timings)."""
     opts = {name: make_optimizer(m, cfg) for name, m in models.items()}
     times = {name: [] for name in models}
+    names = list(models)
     x, y = batch
     for i in range(repeats + 2):
-        for name, m in models.items():
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            m = models[name]
             t = time.perf_counter()
             training_step(m, opts[name], x, y)
             if i >= 2:  # two warm-up steps

@@ -261,14 +261,15 @@ def decode(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
 @torch.inference_mode()  # as generate
 def per_token_latency(models: dict, prompt: torch.Tensor, n_tokens: int = 64, repeats: int = 7,
                       tokens: list[int] | None = None) -> dict:
-    """Seconds per generated token (batch 1, KV cache, greedy) for each model, measured side by side:
-    the models take turns in every repeat, each repeat starting with the next model, so drifts of the
-    machine and the order of the turns hit them all alike. Per model: timing_stats of the repeats.
+    """Seconds per generated token (batch 1, KV cache; `decode`: greedy decoding's work on fixed tokens)
+    for each model, measured side by side: the models take turns in every repeat, each repeat starting
+    with the next model, so drifts of the machine and the order of the turns hit them all alike. Per
+    model: timing_stats of the repeats.
 
-    Every model decodes the same tokens (`tokens`, by default the first model's greedy continuation of
-    n_tokens): a fine-tuned model that answers and writes `<|endoftext|>` would otherwise take the
-    document-mask path for the rest and be timed on different work than the base, which goes on
-    telling a story."""
+    Every model decodes the same tokens: `tokens` if given (n_tokens is then unused), else the first
+    model's greedy continuation of n_tokens. A fine-tuned model that answers and writes
+    `<|endoftext|>` would otherwise take the document-mask path for the rest and be timed on different
+    work than the base, which goes on telling a story."""
     if tokens is None:
         tokens = generate(next(iter(models.values())), prompt, n_tokens, temperature=0.0)[0]  # no eot_id: n_tokens
     times: dict[str, list[float]] = {name: [] for name in models}

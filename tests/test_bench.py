@@ -135,6 +135,8 @@ def test_generation_caps_lengths_by_the_context(bench):
     assert all(g["speedup"]["median"] > 0 for g in gen["lengths"])
     assert gen["batched"]["new_tokens"] == ctx - 1 and gen["batched"]["batch_size"] == 4
     assert set(gen["targets"]) == {"kv_cache_speedup_longest", "kv_cache_speedup_longest_batched"}
+    assert gen["decoding"] == {"temperature": 1.0, "seed": 0}
+    assert all("first_end_token_step" in g for g in gen["lengths"] + [gen["batched"], gen["token_profile"]])
     tp = gen["token_profile"]  # a cached token taken apart: its operator calls and where its time goes
     assert tp["tokens"] == ctx - 1 and 0 < tp["python_calls_per_token"] < tp["calls_per_token"]
     assert tp["seconds_per_token"]["matmul"] > 0 and tp["seconds_per_token"]["attention"] > 0
@@ -155,38 +157,68 @@ def test_lora_compares_step_memory_and_latency(bench):
     assert lo["memory_ratio_lora_full"] < 1  # tensors are counted, not timed: this holds even when quick
     assert set(lo["latency_ratio_to_base"]) == {"merged", "merged_in_place", "unmerged"}
     assert set(lo["targets"]) == {"lora_step_vs_full", "lora_memory_vs_full", "merged_latency_vs_base"}
-    # the floor beside them: one trainable vector, the first block's attention-norm gain (d_model numbers)
+    # the floor beside them: two trainable vectors, the first block's query and key norm gains
+    from microlm.model import GPTConfig
     assert set(lo["train_step"]) == {"lora", "full", "frozen"}
-    assert lo["trainable_params"]["frozen"] == bench[0]["settings"]["model"]["d_model"]
-    assert lo["step_ratio_frozen_full"]["median"] > 0 and lo["step_ratio_lora_frozen"]["median"] > 0
+    assert lo["trainable_params"]["frozen"] == 2 * GPTConfig(**bench[0]["settings"]["model"]).head_dim
+    assert "| LoRA's floor: a step with every weight frozen but" in bench[1]
+    assert lo["latency_decoding"] == {"temperature": 1.0, "seed": 0}
 
 
-def test_the_lora_floor_runs_the_backward_down_to_the_first_block():
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_the_lora_floor_runs_the_backward_down_to_the_first_block(qk_norm):
+    import torch
     from microlm.model import GPT, GPTConfig
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=32, context_length=16, d_model=16, n_layers=3, n_heads=2))
-    floor = from_benchmarks("bench_lora").frozen_but_first_norm(base)
-    assert [n for n, p in floor.named_parameters() if p.requires_grad] == ["blocks.0.attn_norm.weight"]
+    base = GPT(GPTConfig(vocab_size=32, context_length=16, d_model=16, n_layers=3, n_heads=2, qk_norm=qk_norm))
+    with torch.no_grad():  # gains away from 1, so that every path matters
+        for p in base.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    floor = from_benchmarks("bench_lora").lora_floor(base)
+    names = ["blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight"] if qk_norm else ["blocks.0.attn_norm.weight"]
+    assert [n for n, p in floor.named_parameters() if p.requires_grad] == names
     assert all(p.requires_grad for p in base.parameters())  # a copy: the base is left as it was
-    floor(torch.randint(0, 32, (2, 16))).square().mean().backward()
-    assert floor.blocks[0].attn_norm.weight.grad.abs().sum() > 0  # the gradient got through every block
+    x = torch.randint(0, 32, (2, 16))
+    for model in (floor, base):
+        model(x).square().mean().backward()
+    # the same gradient as with every weight trainable: no path through any block is cut
+    grads = dict(base.named_parameters())
+    for name, p in floor.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7)
+            assert p.grad.abs().sum() > 0
 
 
 def test_decoding_is_timed_on_sampled_tokens_the_same_every_call():
     # Greedy decoding of a random model can repeat one token (the end token, for the default model),
     # which no story does; a seeded sample at temperature 1.0 varies and is drawn alike every call.
+    import torch
     from microlm.generate import generate
     from microlm.model import GPT, GPTConfig
-    torch = pytest.importorskip("torch")
-    sampling = from_benchmarks("bench_generation").sampling
+    bench_generation = from_benchmarks("bench_generation")
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, context_length=64, d_model=16, n_layers=1, n_heads=2, eot_id=63)).eval()
     prompt = torch.tensor([[63]])
-    first = generate(model, prompt, 40, **sampling())
-    assert generate(model, prompt, 40, **sampling()) == first
-    assert generate(model, prompt, 40, **sampling(), use_cache=False) == first
+    first = generate(model, prompt, 40, **bench_generation.sampling())
+    assert generate(model, prompt, 40, **bench_generation.sampling()) == first
     assert len(set(first[0])) > 10
+    first_end = bench_generation.first_end_token_step
+    assert first_end([[1, 2, 3], [4, 63, 63], [63, 5]], 63) == 0 and first_end([[1, 2]], 63) is None
+
+
+def test_results_from_before_sampling_and_the_floor_still_render(bench):
+    # report.py also re-renders older results/bench.json files: those decoded greedily, had no floor
+    import copy
+    report = from_benchmarks("report")
+    old = copy.deepcopy(bench[0])
+    del old["generation"]["decoding"], old["generation"]["batched"]["first_end_token_step"]
+    del old["lora"]["train_step"]["frozen"]
+    gen, lora = report.generation_rows(old["generation"]), report.lora_rows(old["lora"])
+    assert "(greedy, batch 1)" in gen[0][0] and "sampled" not in " ".join(r[0] for r in gen)
+    assert not any("floor" in r[0] for r in lora)
+    new = report.generation_rows(bench[0]["generation"])
+    assert "(sampled at T = 1.0, batch 1)" in new[0][0]
 
 
 def test_memory_says_what_to_run_when_no_run_measured_it(bench):
