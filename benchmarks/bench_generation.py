@@ -69,8 +69,8 @@ def bench_generation(config: GPTConfig, lengths: tuple[int, ...], repeats: int, 
 def token_profile(model: GPT, n_tokens: int, repeats: int) -> dict:
     """One cached decoding step at batch 1, taken apart: n_tokens steps (microlm.evaluate.decode, as the
     latency figures run them, on tokens sampled as above) under torch.profiler, after a warm-up. Per
-    token: the operator calls made from Python (top-level aten ops), all operator calls (with the ones they make), and
-    the self CPU seconds of each part (bench_training.op_part). Beside them, the forward FLOPs of a
+    token: the operator calls made from Python (top-level aten ops), all operator calls (with the ones
+    they make), and the self CPU seconds of each part (bench_training.op_part). Beside them, the forward FLOPs of a
     token's matmuls (2 per weight, lm_head included; the attention over the prefix adds at most 4 *
     n_layers * d_model * context more) and the fp32 matmul peak measured now: how long the arithmetic
     alone would take. The same decoding is also timed without the profiler (median of `repeats`): the

@@ -78,10 +78,10 @@ def _profile_row(size: str, prof: dict) -> tuple:
                                                  for k in ours if base[k] > 0), "")
 
 
-def _decoding(res: dict, key: str = "decoding") -> str:
-    """How a benchmark drew the tokens it decoded; results from before sampling was recorded decoded
-    greedily."""
-    d = res.get(key)
+def _decoding(gen: dict) -> str:
+    """How the generation benchmark drew the tokens it decoded; results from before it recorded that
+    decoded greedily."""
+    d = gen.get("decoding")
     return f"sampled at T = {d['temperature']}" if d else "greedy"
 
 
