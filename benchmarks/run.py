@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default: 7, --quick 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, usually one "
                                                              "per core; --quick: 1)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (on CPU it takes minutes)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (on CPU it compiles for about half a minute, or longer)")
     p.add_argument("--readme", default=str(ROOT / "README.md"),
                    help="the README whose benchmark table a full run rewrites (default: the repository's)")
     p.add_argument("--no-readme", action="store_true",
