@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "of --adapter)")
     sam.add_argument("--adapter", help="sample through this LoRA adapter, unmerged (a LoRA run folder or its "
                                        "adapter/ folder)")
-    sam.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    sam.add_argument("--prompt", default="", help="text to continue (default: start a new document); \\n stands "
+                     "for a newline, as in a question for a fine-tuned adapter: 'STORY\\nQ: Where is Ben?\\nA:'")
     sam.add_argument("--n", type=int, default=5, help="how many samples (default: 5)")
     sam.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
     sam.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
@@ -215,16 +216,19 @@ def cmd_sample(args) -> int:
         model, tokenizer, config, _ = load_lora_run(args.adapter, pick_device(args.device), args.run_dir)
     else:
         model, tokenizer, config = load_run(args.run_dir or "runs/pretrain", pick_device(args.device))
-    _, dropped = fit_prompt(tokenizer, args.prompt, model.config.context_length, args.truncate_prompt)
+    # A shell passes "\n" as two characters; the question prompts of the fine-tuning set need a newline.
+    prompt = args.prompt.replace("\\n", "\n")
+    _, dropped = fit_prompt(tokenizer, prompt, model.config.context_length, args.truncate_prompt)
     if dropped:
         print(f"note: the prompt is longer than the model's context ({model.config.context_length} tokens); the model "
               f"sees only its last {model.config.context_length - 1} tokens (the first {dropped} are dropped)",
               file=sys.stderr)
     data = config.get("data", {})
+    # Stories are one line: a prompt with a newline (a question and its answer) is not scored as one.
     world = World.from_dict(data["world"], f"the model in {args.adapter or args.run_dir or 'runs/pretrain'}") \
-        if data.get("kind") == "stories" else None
+        if data.get("kind") == "stories" and "\n" not in prompt else None
     for text in sample_texts(model, tokenizer, args.n, args.temperature, args.top_k, args.top_p, args.seed,
-                             prompt=args.prompt, truncate_prompt=args.truncate_prompt):
+                             prompt=prompt, truncate_prompt=args.truncate_prompt):
         if world:
             lp = log_prob(world, text)
             tag = f"[valid, {-lp / math.log(2):.1f} bits]" if lp > -math.inf else "[INVALID]"

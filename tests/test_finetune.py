@@ -92,6 +92,17 @@ def test_sample_through_an_unmerged_adapter_writes_what_the_merged_model_writes(
     assert capsys.readouterr().out != unmerged  # the adapter is on: it changed what the base writes
 
 
+def test_sample_takes_backslash_n_for_a_newline_and_does_not_score_a_question_as_a_story(runs, capsys):
+    # The fine-tuning prompts are "STORY\nQ: ...\nA:"; a shell hands sample a backslash and an n.
+    question = ["--n", "1", "--temperature", "0", "--prompt", r"Ann is at home.\nQ: Where is Ann?\nA:"]
+    assert main(["sample", "--adapter", str(runs / "lora"), *question]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Ann is at home.\nQ: Where is Ann?\nA:")  # real newlines reached the model
+    assert "[valid" not in out and "[INVALID]" not in out  # a question is not a story
+    assert main(["sample", "--run-dir", str(runs / "base"), "--n", "1", "--prompt", "Ann is at"]) == 0
+    assert capsys.readouterr().out.startswith(("[valid", "[INVALID]"))  # a story prompt is still scored
+
+
 def test_same_seed_gives_bit_identical_adapters_and_full_weights(runs, tmp_path):
     common = ["--base", str(runs / "base"), "--data-dir", str(runs / "data"), *FINETUNE]
     assert main(["lora-finetune", "--run-dir", str(tmp_path / "lora"), *common]) == 0
