@@ -155,6 +155,12 @@ def test_lora_compares_step_memory_and_latency(bench):
     lo = bench[0]["lora"]
     assert lo["trainable_params"]["lora"] < lo["trainable_params"]["full"]
     assert lo["memory_ratio_lora_full"] < 1  # tensors are counted, not timed: this holds even when quick
+    assert lo["peak_memory_ratio_lora_full"] < 1  # and recorded as they are allocated
+    for name, peak in lo["train_memory_measured_bytes"].items():
+        counted = lo["train_memory_bytes"][name]
+        # every saved activation exists at once when the forward pass ends, beside the weights and moments
+        assert peak["peak"] >= counted["total"] - counted["gradients"]
+    assert "| LoRA vs full: peak tensor memory of a step, measured" in bench[1]
     assert set(lo["latency_ratio_to_base"]) == {"merged", "merged_in_place", "unmerged"}
     assert set(lo["targets"]) == {"lora_step_vs_full", "lora_memory_vs_full", "merged_latency_vs_base"}
     # the floor beside them: two trainable vectors, the first block's query and key norm gains
@@ -190,6 +196,30 @@ def test_the_lora_floor_runs_the_backward_down_to_the_first_block(qk_norm):
             assert p.grad.abs().sum() > 0
 
 
+def test_a_steps_memory_is_measured_on_top_of_what_exists_between_steps():
+    import dataclasses
+    import torch
+    from microlm.finetune import LoRAConfig, finetune_defaults, prepare_model, training_memory
+    from microlm.model import GPT, GPTConfig
+    bench_lora = from_benchmarks("bench_lora")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, context_length=32, d_model=32, n_layers=2, n_heads=2)
+    x, y = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
+    cfg = dataclasses.replace(finetune_defaults(full=False), batch_size=4)
+    for model in (prepare_model(GPT(config), LoRAConfig()), GPT(config)):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        measured = bench_lora.measured_step_memory(model, (x, y), cfg)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a copy trained
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        weights = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * 4 for b in model.buffers())
+        adamw = sum(2 * p.numel() * 4 + 4 for p in trainable)  # two moments and a float32 step count each
+        assert measured["resident"] == weights + adamw + 2 * x.numel() * 8
+        counted = training_memory(model, (x, y), cfg)
+        assert counted["activations"] <= measured["step_peak"] <= 2 * counted["total"]
+        assert measured["peak"] == measured["resident"] + measured["step_peak"]
+        assert bench_lora.measured_step_memory(model, (x, y), cfg) == measured  # the same allocations
+
+
 def test_decoding_is_timed_on_sampled_tokens_the_same_every_call():
     # Greedy decoding of a random model can repeat one token (the end token, for the default model),
     # which no story does; a seeded sample at temperature 1.0 varies and is drawn alike every call.
@@ -214,9 +244,12 @@ def test_results_from_before_sampling_and_the_floor_still_render(bench):
     old = copy.deepcopy(bench[0])
     del old["generation"]["decoding"], old["generation"]["batched"]["first_end_token_step"]
     del old["lora"]["train_step"]["frozen"]
+    del old["lora"]["train_memory_measured_bytes"], old["lora"]["peak_memory_ratio_lora_full"]
     gen, lora = report.generation_rows(old["generation"]), report.lora_rows(old["lora"])
     assert "(greedy, batch 1)" in gen[0][0] and "sampled" not in " ".join(r[0] for r in gen)
-    assert not any("floor" in r[0] for r in lora)
+    assert not any("floor" in r[0] or "measured" in r[0] for r in lora)
+    counted = [r for r in lora if "tensor memory of a step, counted (" in r[0]]
+    assert len(counted) == 1 and counted[0][3].endswith("met")  # its target was set on the count then
     new = report.generation_rows(bench[0]["generation"])
     assert "(sampled at T = 1.0, batch 1)" in new[0][0]
 
