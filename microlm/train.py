@@ -169,23 +169,32 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 loss_sum, n_tokens = 0.0, 0
-                for micro in range(cfg.grad_accum):
-                    x, y = get_batch(step * cfg.grad_accum + micro)
+                batches = [get_batch(step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+                # Each micro-batch's mean loss counts by its share of the step's targets, so the step follows
+                # the mean over all of them, as one batch of them all would. (Fine-tuning trains on answers
+                # only, so micro-batches can hold different numbers of targets; pretraining windows cannot.)
+                counts = [int((y != IGNORE).sum()) for _, y in batches]
+                total, ran = sum(counts), 0  # ran: micro-batches run so far in this step
+                for (x, y), count in zip(batches, counts):
+                    if count == 0 < total:  # no target: its mean loss is undefined, and it adds nothing
+                        continue
+                    share = count / total if total else 1 / cfg.grad_accum  # exactly 1.0 for a single batch
                     x, y = x.to(device), y.to(device)
                     try:
                         loss = masked_loss(forward(x), y)
-                        (loss / cfg.grad_accum).backward()
+                        (loss * share).backward()
                     except Exception as e:  # compiling happens at the first call: fall back to eager there
-                        if forward is model or micro:
+                        if forward is model or ran:
                             raise
                         bar.write(f"note: torch.compile failed ({type(e).__name__}: {str(e).strip()[:200]}); "
                                   "training without it")
                         forward = model
                         opt.zero_grad(set_to_none=True)
                         loss = masked_loss(model(x), y)
-                        (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.item() / cfg.grad_accum
+                        (loss * share).backward()
+                    loss_sum += loss.item() * share
                     n_tokens += x.numel()  # positions computed, padding included: what the step cost
+                    ran += 1
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or math.inf).item()
                 # Checked before opt.step(): a non-finite gradient would put NaN into the weights, and the

@@ -85,6 +85,29 @@ def test_two_accumulated_micro_batches_step_like_one_batch_of_both(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-6)
 
 
+def test_accumulated_micro_batches_with_masked_targets_step_like_one_batch_of_both(tmp_path):
+    # Fine-tuning trains on answers only: micro-batches hold different numbers of targets (2 and 7 here,
+    # and none at all in a third), and the step must follow the mean over all of the step's targets.
+    from microlm.data import IGNORE
+    rows = [tuple(t.clone() for t in window_batch(STREAM, 1, 16, 1, i)) for i in range(9)]  # x, y share memory
+    for i, keep in enumerate([2, 7, 0] * 3):
+        rows[i][1][:, keep:] = IGNORE
+
+    def joined(i):  # step i's micro-batches as one batch of 3
+        return tuple(torch.cat([rows[3 * i + j][k] for j in range(3)]) for k in (0, 1))
+    cfg = TrainConfig(max_steps=3, batch_size=1, grad_accum=3, lr=1e-2, warmup_steps=1, eval_every=3,
+                      checkpoint_every=3)
+    accumulated, _ = run(tmp_path / "a", cfg=cfg, get_batch=lambda i: rows[i])
+    one, _ = run(tmp_path / "b", cfg=TrainConfig(**{**cfg.__dict__, "batch_size": 3, "grad_accum": 1}),
+                 get_batch=joined)
+    for (name, x), y in zip(unique_tensors(accumulated).items(), unique_tensors(one).values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(read("a"), read("b")):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-6)
+
+
 def test_same_seed_same_weights_and_metrics(tmp_path):
     a, _ = run(tmp_path / "a")
     b, _ = run(tmp_path / "b")
