@@ -38,7 +38,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature < 1e-3:  # small enough for logits / temperature to overflow to inf (and softmax to NaN):
+        logits = logits - logits.max(-1, keepdim=True).values  # the largest becomes 0, the rest negative
+    logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1:

@@ -81,10 +81,17 @@ class LoRALinear(nn.Module):
                              "the base weights were left untouched")
         return new
 
+    def check_mergeable(self) -> None:
+        if self.merged:
+            raise RuntimeError("the LoRA adapter is already merged; unmerge it first "
+                               "(merging twice adds the delta twice)")
+        if not self.enabled:
+            raise RuntimeError("the adapter is switched off (set_lora_enabled(model, False)): merging would fold "
+                               "in a delta the model does not apply; switch it on first, or do not merge")
+
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            raise RuntimeError("this LoRA layer is already merged; unmerge it first (merging twice adds the delta twice)")
+        self.check_mergeable()
         self.base.weight.copy_(self.folded_weight(+1))
         self.merged = True
 
@@ -144,11 +151,14 @@ def apply_lora_to_model(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, a
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
     """Merge every adapter into its base weight. All merged weights are computed and checked first, so a
-    refusal (already merged, NaN or Inf anywhere) leaves every layer as it was."""
-    layers = list(lora_layers(model).values())
-    if any(layer.merged for layer in layers):
-        raise RuntimeError("this model's LoRA layers are already merged; unmerge them first "
-                           "(merging twice adds the delta twice)")
+    refusal (already merged, switched off, NaN or Inf anywhere) leaves every layer as it was."""
+    _merge_all(list(lora_layers(model).values()))
+
+
+@torch.no_grad()
+def _merge_all(layers: list[LoRALinear]) -> None:
+    for layer in layers:
+        layer.check_mergeable()
     merged = [layer.folded_weight(+1) for layer in layers]
     for layer, weight in zip(layers, merged):
         layer.base.weight.copy_(weight)
@@ -169,10 +179,11 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its base weight and put the plain nn.Linear back: a standard model."""
-    for name, layer in lora_layers(model).items():
-        if not layer.merged:
-            layer.merge()
+    """Merge every adapter into its base weight (those merged already stay as they are) and put the plain
+    nn.Linear back: a standard model. As in merge_lora, a refusal leaves every layer as it was."""
+    layers = lora_layers(model)
+    _merge_all([layer for layer in layers.values() if not layer.merged])
+    for name, layer in layers.items():
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], layer.base)
     return model
@@ -207,6 +218,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> dict:
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
     first = next(iter(layers.values()))
+    base = base_fingerprint(model)  # refuses a merged model before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(model)
@@ -215,11 +227,10 @@ def save_adapter(model: nn.Module, folder: str | Path) -> dict:
     # weights by their hash, so a crash between the two writes leaves a pair that load_adapter refuses.
     config = {"format": "microlm-lora", "r": first.r, "alpha": first.alpha, "use_rslora": first.use_rslora,
               "dropout": getattr(first.dropout, "p", 0.0), "targets": sorted({n.rsplit(".", 1)[-1] for n in layers}),
-              "base_fingerprint": base_fingerprint(model), "n_params": sum(t.numel() for t in tensors.values()),
+              "base_fingerprint": base, "n_params": sum(t.numel() for t in tensors.values()),
               "weights_sha256": sha256_file(folder / "adapter_model.safetensors")}
     save_json(folder / "adapter_config.json", config)
     return config
-
 
 
 ADAPTER_KEYS = ("format", "r", "alpha", "use_rslora", "dropout", "targets", "base_fingerprint", "n_params",

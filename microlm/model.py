@@ -53,8 +53,8 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("rope_base", "norm_eps", "attn_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"GPTConfig.{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # written so that NaN fails too
+                raise ValueError(f"GPTConfig.{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"GPTConfig.d_model ({self.d_model}) must be n_heads ({self.n_heads}) times an even "
                              "head size (RoPE rotates pairs of channels), e.g. d_model = 2 * n_heads * k")
@@ -168,7 +168,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model: "GPT", batch_size: int, max_len: int | None = None, device=None, dtype=None):
         c = model.config
-        max_len = max_len or c.context_length
+        max_len = c.context_length if max_len is None else max_len
         if not 1 <= max_len <= c.context_length:
             raise ValueError(f"KVCache max_len must be in [1, context_length={c.context_length}], got {max_len}")
         p = next(model.parameters())

@@ -123,6 +123,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert picks == {1, 3}
 
 
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    # logits / 1e-38 overflows to inf, and softmax of inf is NaN: the largest logit is moved to 0 first
+    logits = torch.tensor([[10.0, 9.0, -3.0], [-1.0, 2.0, 1.5]])
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-38, 1e-4):
+        assert sample_next(logits, temperature=temperature, generator=g).tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")),
                                     dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan"))])
 def test_bad_sampling_arguments_are_refused(model, kwargs):

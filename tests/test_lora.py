@@ -118,8 +118,10 @@ def test_a_non_finite_merge_is_refused_before_any_weight_changes(bad):
         layers[-1].merge()
     with pytest.raises(ValueError, match="NaN or Inf"):
         merge_lora(model)  # the last layer is bad: the earlier ones must not have been merged either
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        merge_and_unload(model)  # nor merged and swapped back to nn.Linear
     assert all(torch.equal(layer.base.weight, w) for layer, w in zip(layers, before))
-    assert not any(layer.merged for layer in layers)
+    assert not any(layer.merged for layer in layers) and lora_layers(model) == dict(zip(lora_layers(model), layers))
 
 
 def test_disabling_the_adapter_gives_the_base_function():
@@ -127,6 +129,15 @@ def test_disabling_the_adapter_gives_the_base_function():
     randomise_adapter(model)
     set_lora_enabled(model, False)
     torch.testing.assert_close(model(X), base_model()(X), atol=0, rtol=0)
+    # merging would fold in the delta the model does not apply: refused, with nothing changed
+    before = [layer.base.weight.clone() for layer in lora_layers(model).values()]
+    for merge in (merge_lora, merge_and_unload, lambda m: next(iter(lora_layers(m).values())).merge()):
+        with pytest.raises(RuntimeError, match="switched off"):
+            merge(model)
+    assert all(torch.equal(layer.base.weight, w) for layer, w in zip(lora_layers(model).values(), before))
+    set_lora_enabled(model, True)
+    merge_lora(model)
+    assert (model(X) - base_model()(X)).abs().max() > 1e-2
 
 
 def test_bad_targets_and_ranks_name_what_exists():
@@ -174,6 +185,13 @@ def test_adapter_round_trip_and_hot_swap(tmp_path):
     torch.testing.assert_close(model(X), out_1, atol=0, rtol=0)
     load_adapter(model, tmp_path / "a2")
     torch.testing.assert_close(model(X), out_2, atol=0, rtol=0)
+    # a merged model is refused before anything is written: the folder keeps its adapter
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a1").iterdir()}
+    randomise_adapter(model, seed=3)
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        save_adapter(model, tmp_path / "a1")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a1").iterdir()} == files
 
 
 def test_adapters_for_another_base_rank_or_targets_are_refused(tmp_path):

@@ -89,8 +89,9 @@ def test_kv_cache_refuses_to_overflow_and_keeps_its_length(model):
     with pytest.raises(ValueError, match="overflow"):
         model(torch.zeros(1, 3, dtype=torch.long), cache)
     assert cache.length == 6
-    with pytest.raises(ValueError, match="max_len"):
-        KVCache.for_model(model, batch_size=1, max_len=33)
+    for bad in (33, 0):  # 0 is refused too, not taken for "the whole context"
+        with pytest.raises(ValueError, match="max_len"):
+            KVCache.for_model(model, batch_size=1, max_len=bad)
 
 
 def test_positions_beyond_the_context_are_refused(model):
@@ -269,6 +270,7 @@ def test_init_std_is_002_and_residual_projections_smaller():
     (dict(n_layers=0), "n_layers"), (dict(vocab_size=-1), "vocab_size"), (dict(d_ff=-5), "d_ff"),
     (dict(rope_base=0.0), "rope_base"), (dict(norm_eps=-1e-5), "norm_eps"), (dict(eot_id=512), "eot_id"),
     (dict(d_model="128"), "d_model"), (dict(conv_kernel=-1), "conv_kernel"),
+    (dict(attn_scale=math.inf), "attn_scale"), (dict(rope_base=math.nan), "rope_base"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"GPTConfig.{field}"):
