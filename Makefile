@@ -1,4 +1,4 @@
-# microlm: `make pretrain`, `make lora-finetune`, `make test`. Each target builds .venv first if it is missing.
+# microlm: `make pretrain`, `make lora-finetune`, `make test`. Each build target makes .venv first if it is missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

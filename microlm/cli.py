@@ -130,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                 else ". `microlm finetune --full` trains every weight on the same data, batch and steps"))
         ft = sub.add_parser(name, help=helps[name], description=f"{helps[name]}. {how}. Output: --run-dir.")
         if full is None:
-            ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+            ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters (the "
+                            "LoRA flags --r, --alpha, --lora-dropout, --use-rslora and --targets are then not used)")
         ft.add_argument("--base", default="runs/pretrain", help="the model folder to start from: a pretrain run, "
                         "a full fine-tune or a merged model (default: runs/pretrain)")
-        ft.add_argument("--run-dir", default=None, help="output folder (default: runs/lora, or runs/full with --full)")
+        ft.add_argument("--run-dir", default=None, help="output folder (default: runs/lora"
+                        + (", or runs/full with --full)" if full is None else ")"))
         ft.add_argument("--sft-data", help="your own questions: JSONL with {\"prompt\": ..., \"response\": ...} "
                         "per line (default: questions about the base's story world, written to --data-dir)")
         ft.add_argument("--sft-val", help="held-out JSONL for --sft-data (default: a seeded 10%% of --sft-data)")
@@ -148,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         ft.add_argument("--use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
         ft.add_argument("--targets", default=",".join(LoRAConfig().targets),
                         help="comma-separated names of the linear layers to adapt (default: %(default)s)")
-        ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 7e-3 for LoRA, "
-                                                               "1e-3 for --full)")
+        ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 7e-3"
+                        + (" for LoRA, 1e-3 for --full)" if full is None else ")"))
         add_dataclass_flags(ft, TrainConfig, skip=("lr",), defaults=finetune_defaults(full=False))
         ft.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
         ft.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
@@ -167,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ranks to train at the same budget for the rank sweep ('' for none; default: %(default)s: "
                           "each other rank is one more LoRA run, about 2 minutes on 2 cores)")
     cmp.add_argument("--latency-tokens", type=int, default=64, help="tokens generated per latency measurement (default: 64)")
-    cmp.add_argument("--repeats", type=int, default=21, help="repeats of each timing (median reported; default: 21)")
+    cmp.add_argument("--repeats", type=int, default=21, help="repeats of each per-token latency timing (median "
+                     "reported; default: 21; the training-step timing takes 9)")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     mer = sub.add_parser("merge", help="fold a LoRA adapter into its base: a standalone model folder",
@@ -300,7 +303,13 @@ def cmd_finetune(args) -> int:
     if args.sft_val and not args.sft_data:
         raise UsageError("--sft-val needs --sft-data (the built-in question set has its own held-out split)")
     lora = None
-    if not full:
+    if full:
+        lora_flags = {"r": LoRAConfig.r, "alpha": LoRAConfig.alpha, "lora_dropout": LoRAConfig.dropout,
+                      "use_rslora": False, "targets": ",".join(LoRAConfig().targets)}
+        if given := [f"--{k.replace('_', '-')}" for k, default in lora_flags.items() if getattr(args, k) != default]:
+            # a note, not an error: `make lora-finetune ARGS=...` passes the same flags to both runs
+            print(f"note: {', '.join(given)} set LoRA up; --full trains every weight and does not use them")
+    else:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         if args.r < 1:
             raise UsageError(f"--r must be >= 1 (a LoRA rank), got {args.r}")

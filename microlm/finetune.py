@@ -5,9 +5,9 @@ comparison is fair. Batches come from `sft_batch(step)`, a pure function of (see
 resume exact. What fine-tuning writes:
 
     runs/lora/  config.json (base folder, LoRA and training settings), adapter/ (adapter_config.json +
-                adapter_model.safetensors), metrics.jsonl, checkpoint/, summary.json, loss.png
-    runs/full/  a model folder (runs.py) plus metrics.jsonl, checkpoint/, summary.json: a later fine-tune
-                can start from it
+                adapter_model.safetensors), metrics.jsonl, checkpoint/, answers.jsonl, summary.json, loss.png
+    runs/full/  a model folder (runs.py) plus metrics.jsonl, checkpoint/, answers.jsonl, summary.json,
+                loss.png: a later fine-tune can start from it
 """
 
 from __future__ import annotations

@@ -168,3 +168,12 @@ def test_overwrite_with_bad_input_keeps_the_existing_run(run, tmp_path, capsys):
     assert main(["pretrain", "--overwrite", "--corpus", str(empty), "--run-dir", str(run / "run"), *TINY]) == 2
     assert "empty" in capsys.readouterr().err
     assert (run / "run" / "model.safetensors").read_bytes() == before
+
+
+def test_full_fine_tuning_notes_lora_flags_it_does_not_use(tmp_path, capsys):
+    # `make lora-finetune ARGS=...` passes the same flags to `lora-finetune` and `finetune --full`
+    assert main(["finetune", "--full", "--r", "16", "--targets", "q_proj", "--base", str(tmp_path / "none")]) != 0
+    out = capsys.readouterr().out
+    assert "note: --r, --targets set LoRA up; --full trains every weight and does not use them" in out
+    main(["finetune", "--full", "--r", "8", "--base", str(tmp_path / "none")])  # the defaults: no note
+    assert "note:" not in capsys.readouterr().out
