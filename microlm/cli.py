@@ -297,7 +297,8 @@ def finetune_rows(s: dict) -> list[tuple[str, str]]:
 def cmd_finetune(args) -> int:
     from .finetune import run_finetune
     full = getattr(args, "full", False)
-    cfg = from_args(TrainConfig, argparse.Namespace(**{**vars(args), "lr": args.lr or finetune_defaults(full).lr}))
+    lr = finetune_defaults(full).lr if args.lr is None else args.lr  # an explicit --lr 0 is refused, not replaced
+    cfg = from_args(TrainConfig, argparse.Namespace(**{**vars(args), "lr": lr}))
     if args.n_train < 1 or args.n_val < 1:
         raise UsageError("--n-train and --n-val must be >= 1")
     if args.sft_val and not args.sft_data:
@@ -313,8 +314,10 @@ def cmd_finetune(args) -> int:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
         if args.r < 1:
             raise UsageError(f"--r must be >= 1 (a LoRA rank), got {args.r}")
-        if not args.alpha > 0:
-            raise UsageError(f"--alpha must be > 0 (scaling = alpha / r), got {args.alpha}")
+        if not 0 < args.alpha < math.inf:
+            raise UsageError(f"--alpha must be a finite number > 0 (scaling = alpha / r), got {args.alpha}")
+        if not 0 <= args.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
         lora = LoRAConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, use_rslora=args.use_rslora,
                           targets=targets)
     run_dir = args.run_dir or ("runs/full" if full else "runs/lora")
@@ -380,6 +383,9 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: every file written so far is whole (each is written aside, then renamed){hint}",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`microlm sample | head -1`): stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush must not fail too
+        return 141  # 128 + SIGPIPE, what a shell reports for a program the broken pipe stopped
     except (UsageError, CorpusError, CheckpointError, SFTDataError, TrainingDiverged, ValueError, OSError,
             RuntimeError) as e:
         if os.environ.get("MICROLM_DEBUG"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,11 +23,13 @@ import torch
 from .checkpoint import load_json, save_json
 from .evaluate import (format_ratio, logits_of, max_abs_diff, paired_ratio, per_token_latency,
                        timing_stats)
-from .finetune import (accuracy, fitting, fixed_batches, load_lora_run, lora_config_from_dict, packing_context,
-                       prepare_model, read_sft_jsonl, run_finetune, sft_batch, split_user_examples, training_memory)
+from .finetune import (accuracy, build_sft_data, fitting, fixed_batches, load_lora_run, lora_config_from_dict,
+                       packing_context, prepare_model, read_sft_jsonl, run_finetune, sft_batch, split_user_examples,
+                       training_memory)
 from .lora import check_lora_targets, lora_layers, merge_and_unload, merge_lora
-from .runs import load_run
+from .runs import load_run, sha256_file
 from .train import TrainConfig, make_optimizer, masked_loss
+from .world import World
 
 RANKS = (1, 2, 4, 8, 16, 32)
 # "all linear" as in PEFT: every linear of the blocks, not lm_head (tied to the embedding here: apply_lora_to_model
@@ -38,12 +41,32 @@ TARGET_SETS = {"q, v": ("q_proj", "v_proj"), "q, k, v, output": ("q_proj", "k_pr
 REFERENCE_SHAPES = (("GPT-2 small", 768, 12, 124_439_808), ("LLaMA-7B", 4096, 32, 6_738_415_616))
 
 
-def run_examples(run_config: dict) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) examples of a fine-tuning run, split as the run split them (finetune.load_examples)."""
-    sft = run_config["sft"]
-    if sft.get("val"):
-        return read_sft_jsonl(sft["train"]), read_sft_jsonl(sft["val"])
-    return split_user_examples(read_sft_jsonl(sft["train"]), run_config["train"]["seed"])
+def run_examples(run_config: dict, base_config: dict, run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) examples of a fine-tuning run, split as the run split them (finetune.load_examples).
+    The files must be the ones the run read (their hashes are in its config): a later fine-tune with other
+    --n-train, --n-val or --seed rewrites data/sft_*.jsonl. The built-in question set is a function of the
+    story world, sizes and seed, so it is then rebuilt aside, and checked against the same hashes."""
+    sft, seed = run_config["sft"], run_config["train"]["seed"]
+    files = {split: sft[split] for split in ("train", "val") if sft.get(split)}
+    stale = [path for split, path in files.items() if sft.get(f"{split}_sha256") not in (None, _sha(path))]
+    if stale and sft.get("kind") == "stories":
+        world = World.from_dict(base_config["data"]["world"], f"the base model {run_config['base']}")
+        with tempfile.TemporaryDirectory() as tmp:
+            rebuilt = build_sft_data(tmp, world, sft["sizes"], seed)
+            if [_sha(rebuilt[split]) for split in files] == [sft[f"{split}_sha256"] for split in files]:
+                print(f"note: {', '.join(stale)} changed since {run_dir} was trained (another fine-tune rewrote "
+                      "it); its question set was rebuilt from the world, sizes and seed")
+                return read_sft_jsonl(rebuilt["train"]), read_sft_jsonl(rebuilt["val"])
+    if stale:
+        raise ValueError(f"{stale[0]} is not the file {run_dir} was trained and evaluated on (its sha256 differs "
+                         "from the one the run recorded); put that file back, or fine-tune again on this one")
+    if "val" in files:
+        return read_sft_jsonl(files["train"]), read_sft_jsonl(files["val"])
+    return split_user_examples(read_sft_jsonl(files["train"]), seed)
+
+
+def _sha(path) -> str | None:
+    return sha256_file(path) if Path(path).is_file() else None
 
 
 def differing_answers(model, tokenizer, examples, answers_a, answers_b) -> list[dict]:
@@ -103,14 +126,14 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     if run_config.get("kind") != "lora":
         raise ValueError(f"{lora_dir} is not a LoRA run (no adapter); pass the folder `microlm lora-finetune` wrote")
     lora_cfg = lora_config_from_dict(run_config["lora"])
-    model, tokenizer, _, _ = load_lora_run(lora_dir)
+    model, tokenizer, base_config, _ = load_lora_run(lora_dir)
     base, _, _ = load_run(run_config["base"])
     for r in sorted(set(sweep_ranks)):  # checked now, not after minutes of measuring
         try:
             check_lora_targets(base, lora_cfg.targets, r)
         except ValueError as e:
             raise ValueError(f"--sweep-ranks: {e}") from None
-    train_examples, heldout = run_examples(run_config)
+    train_examples, heldout = run_examples(run_config, base_config, lora_dir)
     examples, encoded, _ = fitting(tokenizer, heldout, model.config.context_length)
     batches = [(x, n) for x, _, n in fixed_batches(encoded, tokenizer.eot_id)]
     res: dict = {"n_heldout": len(examples), "lora": dataclasses.asdict(lora_cfg)}

@@ -16,12 +16,13 @@ import copy
 import dataclasses
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, changed_settings, load_json, save_json, save_text
+from .checkpoint import CheckpointError, changed_settings, load_json, replace_dir, save_json, save_text
 from .data import IGNORE
 from .evaluate import exact_match, greedy_answers
 from .lora import DEFAULT_TARGETS, apply_lora_to_model, check_lora_targets
@@ -271,9 +272,13 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     from .checkpoint import save_weights
     from .lora import base_fingerprint, parameter_report, save_adapter
     from .plots import plot_finetune_loss
-    from .runs import check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file
+    from .runs import UsageError, check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file
     from .train import read_metrics, train
     run_dir, kind = Path(run_dir), "lora" if lora else "full"
+    base = Path(base_dir).resolve()
+    if run_dir.resolve() in (base, *base.parents):
+        raise UsageError(f"--run-dir {run_dir} is or holds the base model's folder ({base}): the run would replace its "
+                         "own base; choose another --run-dir")
     check_run_dir(run_dir, resume, overwrite)  # refuse at once; the folder is touched only once all inputs are read
     model, tokenizer, base_config = load_run(base_dir, device)
     if lora:  # before anything is measured or written: --overwrite must not lose a run to a bad --targets
@@ -349,7 +354,7 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
     """Fold a LoRA run's adapter into its base and write a standalone model folder."""
     from .checkpoint import save_weights
     from .lora import lora_layers, merge_and_unload
-    from .runs import UsageError, prepare_run_dir, provenance
+    from .runs import UsageError, check_run_dir, provenance
     model, tokenizer, base_config, run_config = load_lora_run(lora_dir, "cpu", base_dir)
     base_dir = base_dir or run_config.get("base")
     out = Path(out_dir).resolve()
@@ -357,14 +362,21 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
         if out in (folder := Path(folder).resolve(), *folder.parents):
             raise UsageError(f"--out {out_dir} is or holds {what} ({folder}): the merged model would replace its own "
                              "input; choose another --out")
-    prepare_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
+    check_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
     merge_and_unload(model)
     assert not lora_layers(model)
     config = {k: base_config[k] for k in ("model", "data", "tokenizer") if k in base_config}
     config["merged_from"] = {"adapter": str(lora_dir), "base": str(base_dir),
                              "lora": run_config.get("lora")}
-    tokenizer.save(Path(out_dir) / "tokenizer.json")
-    save_weights(Path(out_dir) / "model.safetensors", model)
-    # provenance(None): merging draws no random numbers
-    save_json(Path(out_dir) / "config.json", {**config, "provenance": provenance(None)})
+    # Written into a folder beside --out, then swapped in whole: an interrupted merge leaves --out as it was.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer.save(tmp / "tokenizer.json")
+        save_weights(tmp / "model.safetensors", model)
+        save_json(tmp / "config.json", {**config, "provenance": provenance(None)})  # None: merging draws nothing
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return Path(out_dir)

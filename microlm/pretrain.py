@@ -42,6 +42,8 @@ def run_pretrain(run_dir, model_cfg: GPTConfig, train_cfg: TrainConfig, *, corpu
     run_dir = Path(run_dir)
     if n_samples < 0 or min(sizes.values()) < 1:
         raise ValueError(f"run_pretrain needs n_samples >= 0 and sizes >= 1, got {n_samples} and {sizes}")
+    check_run_dir(run_dir, resume, overwrite)  # refuse at once: nothing is written before it (data_dir included)
+    stock = Tokenizer.stock("gpt2") if tokenizer_name == "gpt2" and not resume else None  # or say what to do
 
     # 1. Data: the story world (with its exact bound) or the user's text file.
     world, bound = None, None
@@ -63,9 +65,6 @@ def run_pretrain(run_dir, model_cfg: GPTConfig, train_cfg: TrainConfig, *, corpu
               f"({stats['splits']['val']['bits_per_story']:.1f} bits/story)")
     data_info["train_sha256"] = sha256_text("\n".join(train_docs))
     data_info["val_sha256"] = sha256_text("\n".join(val_docs))
-
-    stock = Tokenizer.stock("gpt2") if tokenizer_name == "gpt2" and not resume else None
-    check_run_dir(run_dir, resume, overwrite)  # refuse at once; nothing is touched before step 3
 
     # 2. Tokenizer: trained on the training split only (reused when resuming).
     tok_path = run_dir / "tokenizer.json"

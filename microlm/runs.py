@@ -14,6 +14,7 @@ config.json names the model folder it was trained on.
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import shutil
 import subprocess
@@ -43,9 +44,16 @@ class UsageError(ValueError):
     """A command-line request that cannot be carried out as given; the message says what to change."""
 
 
-# Files that only microlm writes into a run folder: where one of them is, a run has started.
-RUN_FILES = ("config.json", "checkpoint", "checkpoint.old", "checkpoint.tmp", "tokenizer.json", "metrics.jsonl",
-             "model.safetensors", "adapter")
+def holds_run(run_dir: Path) -> bool:
+    """Whether run_dir holds a microlm run: its config.json is one microlm wrote (a JSON object with a model or
+    a base, and the provenance every run records), written before any training. Other programs' folders
+    have files of the same names (a Hugging Face model has config.json, tokenizer.json, model.safetensors)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON or not UTF-8
+        return False
+    return (isinstance(config, dict) and isinstance(config.get("provenance"), dict)
+            and ("model" in config or "base" in config))
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, flag: str = "--run-dir") -> None:
@@ -53,17 +61,19 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, flag: str = "--r
     A folder that holds other files is never written into, nor deleted by --overwrite. flag: the option
     that named the folder (`merge` has --out and no --resume)."""
     run_dir = Path(run_dir)
-    holds_run = any((run_dir / name).exists() for name in RUN_FILES)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{flag} {run_dir} is a file, not a folder; choose a folder")
+    holds = holds_run(run_dir)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
-    if resume and not holds_run:
+    if resume and not holds:
         raise UsageError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
-    if run_dir.is_dir() and not holds_run and any(run_dir.iterdir()):
+    if run_dir.is_dir() and not holds and any(run_dir.iterdir()):
         others = sorted(p.name for p in run_dir.iterdir())
         raise UsageError(f"{run_dir} is not empty and holds no microlm run ({', '.join(others[:3])}"
                          f"{', ...' if len(others) > 3 else ''}); microlm neither mixes its files with others nor "
                          "deletes them: choose a new or empty folder")
-    if holds_run and not (resume or overwrite):
+    if holds and not (resume or overwrite):
         resume_hint = "--resume to continue it, " if flag == "--run-dir" else ""
         raise UsageError(f"{run_dir} already holds a run; pass {resume_hint}--overwrite to replace it, or choose "
                          f"another {flag}")

@@ -244,3 +244,25 @@ def test_compare_refuses_sweep_ranks_out_of_range_before_measuring(runs, capsys)
 def test_compare_on_a_folder_that_is_not_a_lora_run_says_so(runs, capsys):
     assert main(["compare", "--lora", str(runs / "full"), "--full", "none"]) == 2
     assert "is not a LoRA run" in capsys.readouterr().err
+
+
+def test_compare_reads_the_questions_the_run_was_trained_on_even_after_they_were_rewritten(runs, tmp_path, capsys):
+    # A fine-tune with other sizes rewrites data/sft_*.jsonl; compare must not judge runs/lora on those.
+    from microlm.compare import run_examples
+    from microlm.sft import read_sft_jsonl
+    run = shutil.copytree(runs / "lora", tmp_path / "lora")
+    shutil.copytree(runs / "data", tmp_path / "data")
+    config = json.loads((run / "config.json").read_text())
+    config["sft"] = {**config["sft"], "train": str(tmp_path / "data" / "sft_train.jsonl"),
+                     "val": str(tmp_path / "data" / "sft_val.jsonl")}
+    _, _, base_config = load_run(runs / "base")
+    train, heldout = run_examples(config, base_config, run)
+    assert len(heldout) == 10 and heldout == read_sft_jsonl(tmp_path / "data" / "sft_val.jsonl")
+    assert "note:" not in capsys.readouterr().out
+    lines = (tmp_path / "data" / "sft_val.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "data" / "sft_val.jsonl").write_text("".join(lines[:4]))  # another run's, smaller set
+    assert run_examples(config, base_config, run) == (train, heldout)
+    assert "sft_val.jsonl changed since" in capsys.readouterr().out
+    config["sft"]["kind"] = "jsonl"  # the user's own file: it cannot be rebuilt
+    with pytest.raises(ValueError, match="sft_val.jsonl is not the file .* was trained and evaluated on"):
+        run_examples(config, base_config, run)

@@ -284,6 +284,39 @@ def test_a_folder_holding_another_run_or_other_files_is_never_mixed_nor_deleted(
     assert "no checkpoint to resume from" in one_clear_line(capsys)
 
 
+def test_overwrite_never_deletes_a_folder_that_only_looks_like_a_run(root, tmp_path, capsys):
+    # A Hugging Face model folder has a config.json, tokenizer.json and model.safetensors too.
+    hf = tmp_path / "hf-model"
+    hf.mkdir()
+    for name, text in (("config.json", '{"model_type": "gpt2"}'), ("tokenizer.json", "{}"), ("model.safetensors", "x")):
+        (hf / name).write_text(text)
+    assert main(["pretrain", "--run-dir", str(hf), "--corpus", str(root / "corpus.txt"), *TINY, "--overwrite"]) == 2
+    assert "is not empty and holds no microlm run (config.json, model.safetensors, tokenizer.json)" in one_clear_line(capsys)
+    assert main(["merge", "--adapter", str(root / "lora"), "--out", str(hf), "--overwrite"]) == 2
+    assert "holds no microlm run" in one_clear_line(capsys)
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # and a refused run writes nothing, not even its corpus into --data-dir
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "train.txt").write_text("my notes")
+    run = copy_of(root / "base", tmp_path / "run")
+    assert main(["pretrain", "--run-dir", str(run), "--data-dir", str(notes), "--n-train", "20", "--n-val", "5", *TINY]) == 2
+    assert "already holds a run" in one_clear_line(capsys)
+    assert [p.name for p in notes.iterdir()] == ["train.txt"] and (notes / "train.txt").read_text() == "my notes"
+
+
+def test_an_interrupted_merge_leaves_the_previous_merged_model(root, tmp_path, monkeypatch):
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(root / "lora"), "--out", str(out)]) == 0
+    before = _snapshot(out)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("microlm.checkpoint.save_weights", killed)
+    assert main(["merge", "--adapter", str(root / "lora"), "--out", str(out), "--overwrite"]) == 130
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_a_fine_tune_is_never_mixed_with_another_nor_resumed_with_other_settings(root, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Where is {name}?\nA:", "response": " at the park"}) + "\n"
@@ -298,6 +331,20 @@ def test_a_fine_tune_is_never_mixed_with_another_nor_resumed_with_other_settings
     assert "was trained with other settings: --r 2 (now 4), --lr 0.007 (now 0.1)" in one_clear_line(capsys)
     assert main(["lora-finetune", *flags, "--resume"]) == 0  # finished already: nothing to train, same adapter
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    # bad values are refused before --overwrite deletes the run
+    run = _snapshot(tmp_path / "lora")
+    for bad, message in ((["--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+                         (["--alpha", "inf"], "--alpha must be a finite number > 0"),
+                         (["--lr", "0"], "--lr=0.0 is out of range")):
+        assert main(["lora-finetune", *flags, "--overwrite", *bad]) == 2
+        assert message in one_clear_line(capsys)
+    assert _snapshot(tmp_path / "lora") == run
+    # and a run never replaces its own base
+    base = copy_of(root / "base", tmp_path / "base")
+    for run_dir in (base, tmp_path):  # the base's folder, and a folder above it
+        assert main(["lora-finetune", *flags, "--base", str(base), "--run-dir", str(run_dir), "--overwrite"]) == 2
+        assert f"--run-dir {run_dir} is or holds the base model's folder" in one_clear_line(capsys)
+    assert load_run(base)[0] is not None
 
 
 # ---- clear errors ------------------------------------------------------------------------------
@@ -590,7 +637,7 @@ def test_impossible_pretraining_values_name_the_flag_and_the_valid_range(root, t
 
 
 @pytest.mark.parametrize("command, message", [
-    (["lora-finetune", "--alpha", "0"], "--alpha must be > 0"),
+    (["lora-finetune", "--alpha", "0"], "--alpha must be a finite number > 0"),
     (["lora-finetune", "--r", "-2"], "--r must be >= 1 (a LoRA rank), got -2"),
     (["finetune", "--full", "--batch-size", "0"], "--batch-size=0 is out of range (>= 1)"),
     (["sample", "--n", "0"], "--n must be >= 1"),
