@@ -248,9 +248,9 @@ def cmd_report(args) -> int:
     s = load_json(path, "run summary (is the run finished?)")
     try:
         rows = finetune_rows(s) if s.get("kind") in ("lora", "full") else pretrain_rows(s)
-    except (KeyError, TypeError, ValueError) as e:  # a value missing, or of the wrong type
-        raise CheckpointError(f"{path}: cannot read {e} from it; the file is damaged or was not written by this "
-                              "version of microlm") from None
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:  # missing, or of the wrong type
+        raise CheckpointError(f"{path}: cannot read {type(e).__name__}: {e} from it; the file is damaged or was not "
+                              "written by this version of microlm") from None
     print(f"| {run_dir} | |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

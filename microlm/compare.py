@@ -126,7 +126,7 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     if run_config.get("kind") != "lora":
         raise ValueError(f"{lora_dir} is not a LoRA run (no adapter); pass the folder `microlm lora-finetune` wrote")
     lora_cfg = lora_config_from_dict(run_config["lora"])
-    model, tokenizer, base_config, _ = load_lora_run(lora_dir)
+    model, tokenizer, base_config, run_config = load_lora_run(lora_dir)  # its "base" found from here
     base, _, _ = load_run(run_config["base"])
     for r in sorted(set(sweep_ranks)):  # checked now, not after minutes of measuring
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -239,24 +240,36 @@ def fitting(tokenizer, examples: list[dict], context: int) -> tuple[list[dict], 
 def load_lora_run(lora_dir: str | Path, device="cpu", base_dir: str | Path | None = None):
     """(model with the run's adapter loaded, unmerged; tokenizer; base config; LoRA run config)."""
     from .lora import load_adapter, read_adapter_config
-    from .runs import load_run
+    from .runs import holds_run, load_run
     lora_dir = Path(lora_dir)
     adapter_dir = lora_dir if (lora_dir / "adapter_config.json").exists() else lora_dir / "adapter"
     if (lora_dir / "config.json").is_file() and not (adapter_dir / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter_dir}: no adapter here (adapter_config.json is missing); a LoRA run writes it "
                               "when training ends: finish the run with --resume, or pass a finished LoRA run folder")
     run_config = load_json(adapter_dir.parent / "config.json", "LoRA run config") if adapter_dir != lora_dir else {}
+    if adapter_dir == lora_dir and holds_run(lora_dir.parent):  # the adapter/ folder of a run: its base is known
+        parent = load_json(lora_dir.parent / "config.json", "LoRA run config")
+        run_config = parent if parent.get("kind") == "lora" else {}
+    named = base_dir is None  # the base named by the run's config.json rather than by the caller
     base_dir = base_dir or run_config.get("base")
+    if base_dir is not None and not isinstance(base_dir, str | Path):
+        raise CheckpointError(f"{adapter_dir.parent / 'config.json'}: \"base\" must be the base model's folder, got "
+                              f"{base_dir!r}; the file is damaged")
     if base_dir is None:
         raise ValueError(f"{adapter_dir}: which base model does this adapter belong to? pass its model folder "
-                         "(--run-dir for sample, --base for the others)")
+                         "(--run-dir for sample, --base for merge)")
+    beside = run_config.get("base_from_run")
+    if named and not Path(base_dir).is_dir() and isinstance(beside, str) and (adapter_dir.parent / beside).is_dir():
+        base_dir = adapter_dir.parent / beside  # the run was trained from another working folder than this one
     if not Path(base_dir).is_dir():
-        raise ValueError(f"the base model folder {base_dir} named by {lora_dir} is missing; pass it explicitly")
+        raise ValueError(f"the base model folder {base_dir} named by {lora_dir} is missing (a relative path is read "
+                         "from the folder the run was trained in); pass the base's folder: --run-dir for sample, "
+                         "--base for merge")
     model, tokenizer, base_config = load_run(base_dir, device)
     lora = lora_config_from_dict(read_adapter_config(adapter_dir))
     prepare_model(model, lora)
     load_adapter(model, adapter_dir)
-    return model.eval(), tokenizer, base_config, run_config
+    return model.eval(), tokenizer, base_config, {**run_config, "base": str(base_dir)} if run_config else run_config
 
 
 def _flags(run_config: dict) -> dict:
@@ -297,7 +310,9 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     print(f"data    {len(train_ex):,} training and {len(val_ex):,} held-out questions ({sft_info['train']})")
 
     pack = packing_context(model, tokenizer.eot_id)
-    config = {"kind": kind, "base": str(base_dir), "base_fingerprint": base_fingerprint(model),
+    # the base as given (from the working folder) and from the run folder, for use from anywhere later
+    config = {"kind": kind, "base": str(base_dir), "base_from_run": os.path.relpath(base, run_dir.resolve()),
+              "base_fingerprint": base_fingerprint(model),
               "lora": dataclasses.asdict(lora) if lora else None, "train": dataclasses.asdict(cfg), "sft": sft_info,
               "packed_rows": pack,
               "tokenizer": {"n_vocab": tokenizer.n_vocab, "sha256": sha256_file(Path(base_dir) / "tokenizer.json")}}

@@ -246,10 +246,13 @@ def read_adapter_config(folder: str | Path) -> dict:
                               "'microlm-lora'); `microlm lora-finetune` writes one")
     check_keys(config, path, ADAPTER_KEYS)
     r, targets = config["r"], config["targets"]
+    alpha, dropout, rslora = config["alpha"], config["dropout"], config["use_rslora"]
     if not (type(r) is int and r >= 1 and isinstance(targets, list) and targets
-            and all(isinstance(t, str) for t in targets) and isinstance(config["alpha"], (int, float))):
-        raise CheckpointError(f"{path}: r must be an integer >= 1, targets a non-empty list of layer names and "
-                              f"alpha a number; got r={r!r}, targets={targets!r}, alpha={config['alpha']!r}")
+            and all(isinstance(t, str) for t in targets) and type(alpha) in (int, float) and 0 < alpha < math.inf
+            and type(dropout) in (int, float) and 0 <= dropout < 1 and type(rslora) is bool):
+        raise CheckpointError(f"{path}: r must be an integer >= 1, targets a non-empty list of layer names, alpha a "
+                              "finite number > 0, dropout a number in [0, 1) and use_rslora true or false; got "
+                              f"r={r!r}, targets={targets!r}, alpha={alpha!r}, dropout={dropout!r}, use_rslora={rslora!r}")
     return config
 
 

@@ -278,6 +278,13 @@ class Tokenizer:
                 raise ValueError(f"special token ids must follow the {len(tokens)} mergeable ranks, got {specials}")
             encoding = tiktoken.Encoding(name=obj["name"], pat_str=obj["pattern"], mergeable_ranks=ranks,
                                          special_tokens=specials)
+            try:  # a pattern that can match empty text makes tiktoken's Rust code panic on the first encode
+                encoding.encode_ordinary("Ann's 12 red cups, and Tom.\n  x\t!")
+            except BaseException as e:  # pyo3's PanicException derives from BaseException, not Exception
+                if type(e).__name__ != "PanicException":
+                    raise
+                raise ValueError(f"tiktoken cannot split text with the pattern {obj['pattern']!r} (does it match "
+                                 "empty text?)") from None
         except (UnicodeDecodeError, ValueError, TypeError, AttributeError, RecursionError) as e:  # JSON, base64: ValueError
             raise TokenizerFileError(f"{path}: not a usable microlm tokenizer file ({e}). It may be truncated or "
                                      "of another kind; `microlm pretrain` writes a new one") from None

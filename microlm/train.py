@@ -316,6 +316,11 @@ def load_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig) -> tuple[int, i
     state = load_json(ckpt / "trainer_state.json", "trainer state")
     check_keys(state, ckpt / "trainer_state.json",
                ("step", "tokens_seen", "train_seconds", "train_config", "optimizer"))
+    if not (all(type(state[k]) is int and state[k] >= 0 for k in ("step", "tokens_seen"))
+            and type(state["train_seconds"]) in (int, float) and state["train_seconds"] >= 0
+            and isinstance(state["train_config"], dict)):
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'}: step and tokens_seen must be integers >= 0, "
+                              "train_seconds a number >= 0 and train_config an object; the file is damaged")
     if changed := changed_settings(state["train_config"], asdict(cfg)):
         raise CheckpointError(f"{ckpt}: the checkpoint was trained with other settings: {changed}; resume with "
                               "the same settings")

@@ -102,6 +102,13 @@ def test_report_prints_the_run_as_a_table_and_names_a_damaged_summary(run, tmp_p
     assert main(["report", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "summary.json" in err and "val_ppl" in err and "damaged" in err
+    for key in ("lookups", "accuracy_by_kind"):  # an object replaced by a list
+        (tmp_path / "summary.json").write_text(json.dumps({**summary, key: [1]}))
+        if key == "accuracy_by_kind":
+            (tmp_path / "summary.json").write_text(json.dumps({**summary, "kind": "lora", key: [1]}))
+        assert main(["report", "--run-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "summary.json" in err and "damaged" in err
 
 
 def test_sample_from_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -266,3 +266,21 @@ def test_compare_reads_the_questions_the_run_was_trained_on_even_after_they_were
     config["sft"]["kind"] = "jsonl"  # the user's own file: it cannot be rebuilt
     with pytest.raises(ValueError, match="sft_val.jsonl is not the file .* was trained and evaluated on"):
         run_examples(config, base_config, run)
+
+
+def test_a_lora_run_trained_with_a_relative_base_works_from_any_folder(runs, tmp_path, monkeypatch, capsys):
+    # config.json records the base as given (runs/pretrain, read from the working folder) and from the run
+    project = tmp_path / "project"
+    shutil.copytree(runs / "base", project / "runs" / "base")
+    shutil.copytree(runs / "data", project / "data")
+    monkeypatch.chdir(project)
+    assert main(["lora-finetune", "--base", "runs/base", "--run-dir", "runs/lora", *FINETUNE]) == 0
+    assert json.loads((project / "runs" / "lora" / "config.json").read_text())["base_from_run"] == "../base"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for adapter in (project / "runs" / "lora", project / "runs" / "lora" / "adapter"):
+        assert main(["sample", "--adapter", str(adapter), "--prompt", "Ann", "--n", "1"]) == 0
+    assert main(["merge", "--adapter", str(project / "runs" / "lora"), "--out", str(tmp_path / "merged")]) == 0
+    shutil.rmtree(project / "runs" / "base")
+    assert main(["sample", "--adapter", str(project / "runs" / "lora"), "--n", "1"]) == 2
+    assert "the base model folder runs/base named by" in capsys.readouterr().err

@@ -385,6 +385,10 @@ def _set_top(run: Path, **entries):
     path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
 
 
+def _set_pattern(path: Path, pattern: str):
+    path.write_text(json.dumps({**json.loads(path.read_text()), "pattern": pattern}))
+
+
 MODEL_FOLDER_DAMAGE = {
     "weights missing": (lambda r: (r / "model.safetensors").unlink() or shutil.rmtree(r / "checkpoint"),
                         "model.safetensors: weights file not found"),
@@ -406,6 +410,8 @@ MODEL_FOLDER_DAMAGE = {
                                             'config.json: bad "data" entry (a story run records its world there)'),
     "tokenizer missing": (lambda r: (r / "tokenizer.json").unlink(), "tokenizer.json: no tokenizer file here"),
     "tokenizer truncated": (lambda r: _truncate(r / "tokenizer.json"), "not a usable microlm tokenizer file"),
+    "tokenizer pattern that matches empty text": (lambda r: _set_pattern(r / "tokenizer.json", "a*"),
+                                                   "tiktoken cannot split text with the pattern 'a*'"),
     "tokenizer of another run": (lambda r: _set_config(r, vocab_size=1000),
                                  "tokens, but the model in config.json has vocab_size 1000: the tokenizer is from"),
 }
@@ -445,6 +451,9 @@ CHECKPOINT_DAMAGE = {
     "trainer state missing a key": (lambda c: save_json(c / "trainer_state.json", {
         k: v for k, v in json.loads((c / "trainer_state.json").read_text()).items() if k != "optimizer"}),
         "trainer_state.json: missing keys ['optimizer']"),
+    "trainer state with a step that is not a number": (lambda c: save_json(c / "trainer_state.json", {
+        **json.loads((c / "trainer_state.json").read_text()), "step": "x"}),
+        "trainer_state.json: step and tokens_seen must be integers >= 0"),
     "weights truncated": (lambda c: _truncate(c / "model.safetensors"), "not a readable safetensors weights"),
     "optimizer state is a pickle": (lambda c: (c / "optimizer.safetensors").write_bytes(_pickle_bytes(c / "PWNED")),
                                     "which microlm never loads"),
@@ -544,6 +553,10 @@ ADAPTER_DAMAGE = {
     "weights missing a layer": (_drop_a_layer, "adapter keys do not match: missing "
                                                "['blocks.0.attn.q_proj.lora_A.weight'], unexpected []"),
     "rank 0": (lambda a: _edit_adapter_config(a, r=0), "r must be an integer >= 1"),
+    "dropout that is not a number": (lambda a: _edit_adapter_config(a, dropout="x"),
+                                     "dropout a number in [0, 1) and use_rslora true or false; got"),
+    "run config naming no folder": (lambda a: (a / "config.json").write_text('{"base": 5}'),
+                                    'config.json: "base" must be the base model\'s folder, got 5'),
     "rank that does not fit the weights": (lambda a: _edit_adapter_config(a, r=4),
                                            ".lora_A has shape (2, 16), expected (4, 16)"),
     "targets that do not fit the weights": (lambda a: _edit_adapter_config(a, targets=["q_proj"]),
