@@ -106,6 +106,8 @@ def read_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Ten
                               "continues with --resume)")
     try:
         return load_file(str(path))
+    except PermissionError:
+        raise CheckpointError(f"{path}: no permission to read this {what} file; check its owner and mode") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors {what} file ({e}); it may be truncated, "
                               "or a pickle/.pt file, which microlm never loads") from None
@@ -123,6 +125,9 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
         if t.shape != expected[k].shape:
             raise CheckpointError(f"{path}: '{k}' has shape {tuple(t.shape)}, the config asks for "
                                   f"{tuple(expected[k].shape)}; weights and config.json are from different models")
+        if not t.is_floating_point() or not torch.isfinite(t).all():  # a model of NaNs samples nonsense, then fails
+            raise CheckpointError(f"{path}: '{k}' holds {'NaN or Inf' if t.is_floating_point() else t.dtype} values; "
+                                  "the file is damaged (or the run diverged): use an earlier checkpoint or train again")
     module.load_state_dict(tensors, strict=False)
 
 

@@ -88,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="train the tokenizer and a small GPT from scratch",
                          description="Build the story corpus (or read --corpus), train a byte-level BPE tokenizer, "
-                                     "pretrain a GPT, then evaluate, plot and sample. Output: --run-dir.")
+                                     "pretrain a GPT, then evaluate, plot and sample. Output: --run-dir, a model "
+                                     "folder (config.json, tokenizer.json, model.safetensors) with metrics.jsonl, "
+                                     "checkpoint/, loss.png, samples.txt and summary.json; the corpus goes to "
+                                     "--data-dir (train.txt, val.txt, stats.json; replaced if there).")
     pre.add_argument("--run-dir", default="runs/pretrain", help="output folder (default: runs/pretrain)")
     pre.add_argument("--corpus", help="train on this UTF-8 text file instead of the story world (no bound then)")
     pre.add_argument("--data-dir", default="data", help="where the story corpus is written (default: data)")
-    pre.add_argument("--n-train", type=int, default=STORY_SPLITS["train"], help="training stories (default: %(default)s)")
-    pre.add_argument("--n-val", type=int, default=STORY_SPLITS["val"], help="validation stories (default: %(default)s)")
+    pre.add_argument("--n-train", type=int, default=STORY_SPLITS["train"], help="training stories, without --corpus "
+                     "(default: %(default)s)")
+    pre.add_argument("--n-val", type=int, default=STORY_SPLITS["val"], help="validation stories, without --corpus "
+                     "(default: %(default)s)")
     pre.add_argument("--tokenizer", choices=("trained", "gpt2"), default="trained",
                      help="trained: BPE trained here on the corpus (default); gpt2: tiktoken's stock encoding, "
                           "only if it is already in tiktoken's cache (microlm never downloads)")
@@ -106,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(pre, TrainConfig)
 
     sam = sub.add_parser("sample", help="generate text from a trained run",
-                         description="Sample from the model in --run-dir; stories from the story world are scored.")
+                         description="Sample from the model in --run-dir. Each sample runs until the model writes "
+                                     "the end-of-text token or fills its context; stories from the story world are "
+                                     "scored (valid or not, and their bits under the world's exact probabilities).")
     sam.add_argument("--run-dir", default=None, help="a model folder (default: runs/pretrain, or the base "
                                                      "of --adapter)")
     sam.add_argument("--adapter", help="sample through this LoRA adapter, unmerged (a LoRA run folder or its "
@@ -128,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         how = ("The base is frozen and only the adapters' A and B train" +
                ("; --full trains every weight (the baseline). Same data, batch and steps either way" if full is None
                 else ". `microlm finetune --full` trains every weight on the same data, batch and steps"))
-        ft = sub.add_parser(name, help=helps[name], description=f"{helps[name]}. {how}. Output: --run-dir.")
+        out = ("config.json, adapter/ (adapter_config.json, adapter_model.safetensors)" if full is False else
+               "config.json and adapter/ for LoRA; with --full a model folder (config.json, tokenizer.json, "
+               "model.safetensors)")
+        ft = sub.add_parser(name, help=helps[name], description=f"{helps[name]}. {how}. Output: --run-dir: {out}, "
+                            "metrics.jsonl, checkpoint/, answers.jsonl, loss.png, summary.json; the built-in "
+                            "questions go to --data-dir (sft_train.jsonl, sft_val.jsonl, sft_stats.json).")
         if full is None:
             ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters (the "
                             "LoRA flags --r, --alpha, --lora-dropout, --use-rslora and --targets are then not used)")
@@ -214,6 +226,12 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     from .evaluate import fit_prompt, sample_texts
+    from .generate import check_sampling_args
+    try:  # before the model is loaded, and named as the flags are
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        raise UsageError(f"--{name.replace('_', '-')} {rest}") from None
     if args.adapter:
         from .finetune import load_lora_run
         model, tokenizer, config, _ = load_lora_run(args.adapter, pick_device(args.device), args.run_dir)

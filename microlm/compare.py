@@ -221,6 +221,10 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
     plot_finetune_loss(curves, out_dir / "finetune_loss.png")
     if sweep:
         plot_rank_sweep(sweep, acc.get("full_finetune"), out_dir / "rank_sweep.png")
+    elif (out_dir / "rank_sweep.png").exists():  # an earlier compare's, whose figures this compare.json lacks
+        (out_dir / "rank_sweep.png").unlink()
+        print(f"note: no rank sweep this time: removed the earlier {out_dir / 'rank_sweep.png'} (its runs stay in "
+              f"{out_dir / 'sweep'})")
     plot_latency(res["latency_per_token"], out_dir / "latency.png")
     save_json(out_dir / "compare.json", res)
     return res

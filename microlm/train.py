@@ -61,6 +61,7 @@ class TrainConfig:
             "beta1": (0 <= self.beta1 < 1, "in [0, 1)"), "beta2": (0 <= self.beta2 < 1, "in [0, 1)"),
             "grad_clip": (self.grad_clip >= 0, ">= 0 (0 disables)"), "eval_every": (self.eval_every >= 1, ">= 1"),
             "checkpoint_every": (self.checkpoint_every >= 1, ">= 1"),
+            "seed": (-2**63 <= self.seed < 2**63, "a 64-bit integer"),  # what torch.manual_seed takes
         }
         for name, (ok, valid) in rules.items():
             if not ok:
@@ -330,7 +331,11 @@ def load_checkpoint(run_dir: Path, model, opt, cfg: TrainConfig) -> tuple[int, i
         rng = read_tensors(ckpt / "rng_state.safetensors", "random generator state")
         if "cpu" not in rng:
             raise CheckpointError(f"{ckpt / 'rng_state.safetensors'}: no 'cpu' generator state; the file is damaged")
-        set_rng_state(rng, next(model.parameters()).device)
+        try:
+            set_rng_state(rng, next(model.parameters()).device)
+        except (RuntimeError, ValueError, TypeError) as e:  # a state of the wrong size or type
+            raise CheckpointError(f"{ckpt / 'rng_state.safetensors'}: not a random generator state torch can take "
+                                  f"({str(e).strip()[:120]}); the file is damaged") from None
     return state["step"], state["tokens_seen"], state["train_seconds"]
 
 

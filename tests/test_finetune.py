@@ -153,6 +153,11 @@ def test_compare_measures_merged_against_unmerged(runs, capsys):
     for name in ("param_counts.png", "finetune_loss.png", "rank_sweep.png", "latency.png"):
         assert (runs / "lora" / name).is_file(), name
     assert "greedy answers identical" in capsys.readouterr().out
+    # without a sweep, the earlier sweep's plot goes: compare.json no longer holds its figures
+    assert main(["compare", "--lora", str(runs / "lora"), "--full", "none", "--sweep-ranks", "",
+                 "--latency-tokens", "4", "--repeats", "1", "--no-progress"]) == 0
+    assert json.loads((runs / "lora" / "compare.json").read_text())["rank_sweep"] == []
+    assert not (runs / "lora" / "rank_sweep.png").exists() and "removed the earlier" in capsys.readouterr().out
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from microlm.checkpoint import (CheckpointError, load_json, load_weights, read_tensors, save_json, save_optimizer,
-                                save_text, save_weights)
+                                save_tensors, save_text, save_weights)
 from microlm.cli import main
 from microlm.data import CorpusError, read_corpus, window_batch
 from microlm.finetune import load_lora_run
@@ -398,6 +398,8 @@ MODEL_FOLDER_DAMAGE = {
                          "model.safetensors: not a readable safetensors"),
     "weights are a pickle": (lambda r: (r / "model.safetensors").write_bytes(_pickle_bytes(r / "PWNED")),
                              "or a pickle/.pt file, which microlm never loads"),
+    "weights of NaN": (lambda r: _resave_weights(r / "model.safetensors", float("nan")),
+                       "holds NaN or Inf values; the file is damaged (or the run diverged)"),
     "weights of another shape": (lambda r: _set_config(r, d_model=32),
                                  "; weights and config.json are from different models"),
     "config truncated": (lambda r: _truncate(r / "config.json"), "config.json: not a valid JSON run config"),
@@ -460,6 +462,8 @@ CHECKPOINT_DAMAGE = {
     "optimizer state of another model": (lambda c: save_optimizer(c / "optimizer.safetensors",
                                                                   _stepped_optimizer(_tiny_model(d_model=32))),
                                          "optimizer tensor '0.exp_avg' (30, 32) fits no parameter of this model"),
+    "random generator state of the wrong size": (lambda c: save_tensors(c / "rng_state.safetensors", {
+        "cpu": torch.zeros(7, dtype=torch.uint8)}), "rng_state.safetensors: not a random generator state torch can take"),
     "random generator state truncated": (lambda c: _truncate(c / "rng_state.safetensors"),
                                          "not a readable safetensors random generator state file"),
 }
@@ -512,10 +516,10 @@ def test_a_kill_inside_the_checkpoint_swap_leaves_the_previous_checkpoint_to_res
     assert load_checkpoint(tmp_path, model, make_optimizer(model, cfg), cfg) == (1, 8, 0.5)
 
 
-def _resave_weights(path: Path):
+def _resave_weights(path: Path, add: float = 1.0):
     """The same keys and shapes with other values: what a save that died after the weights leaves."""
     from safetensors.torch import load_file, save_file
-    save_file({k: v + 1 for k, v in load_file(str(path)).items()}, str(path))
+    save_file({k: v + add for k, v in load_file(str(path)).items()}, str(path))
 
 
 def _drop_a_layer(lora: Path):
@@ -641,6 +645,7 @@ def test_sft_examples_that_do_not_fit_the_context_are_refused_when_none_is_left(
     (["--context-length", "0"], "--context-length must be >= 1, got 0"),
     (["--d-model", "18"], "--d-model (18) must be n_heads (2) times an even head size"),
     (["--vocab-size", "100"], "vocab_size must be at least 257"),
+    (["--seed", str(2**64)], "--seed=18446744073709551616 is out of range (a 64-bit integer)"),
 ])
 def test_impossible_pretraining_values_name_the_flag_and_the_valid_range(root, tmp_path, capsys, flags, message):
     assert main(["pretrain", "--corpus", str(root / "corpus.txt"), "--run-dir", str(tmp_path / "r"), *TINY,
@@ -654,8 +659,9 @@ def test_impossible_pretraining_values_name_the_flag_and_the_valid_range(root, t
     (["lora-finetune", "--r", "-2"], "--r must be >= 1 (a LoRA rank), got -2"),
     (["finetune", "--full", "--batch-size", "0"], "--batch-size=0 is out of range (>= 1)"),
     (["sample", "--n", "0"], "--n must be >= 1"),
-    (["sample", "--temperature", "-1"], "temperature must be a finite number >= 0"),
-    (["sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["sample", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["sample", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["sample", "--top-k", "0"], "--top-k must be >= 1"),
 ])
 def test_impossible_fine_tuning_and_sampling_values_are_refused(root, tmp_path, capsys, command, message):
     where = ["--run-dir", str(root / "base")] if command[0] == "sample" else \
