@@ -212,6 +212,9 @@ def load_examples(base_config: dict, sft_data, sft_val, data_dir, sizes: dict, s
         if sft_val:
             val_ex = read_sft_jsonl(sft_val)
         else:
+            if len(train_ex) < 2:
+                raise ValueError(f"{sft_data}: {len(train_ex)} example; without --sft-val it needs at least 2 (one "
+                                 "to train on, one to validate)")
             train_ex, val_ex = split_user_examples(train_ex, seed)
         return train_ex, val_ex, {"kind": "jsonl", "train": str(sft_data), "val": str(sft_val) if sft_val else None,
                                   "train_sha256": sha256_file(sft_data),
@@ -267,7 +270,10 @@ def load_lora_run(lora_dir: str | Path, device="cpu", base_dir: str | Path | Non
                          "--base for merge")
     model, tokenizer, base_config = load_run(base_dir, device)
     lora = lora_config_from_dict(read_adapter_config(adapter_dir))
-    prepare_model(model, lora)
+    try:
+        prepare_model(model, lora)
+    except ValueError as e:  # targets or a rank this base does not have
+        raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: {e}") from None
     load_adapter(model, adapter_dir)
     return model.eval(), tokenizer, base_config, {**run_config, "base": str(base_dir)} if run_config else run_config
 

@@ -43,6 +43,9 @@ def run_pretrain(run_dir, model_cfg: GPTConfig, train_cfg: TrainConfig, *, corpu
     if n_samples < 0 or min(sizes.values()) < 1:
         raise ValueError(f"run_pretrain needs n_samples >= 0 and sizes >= 1, got {n_samples} and {sizes}")
     check_run_dir(run_dir, resume, overwrite)  # refuse at once: nothing is written before it (data_dir included)
+    if tokenizer_name == "trained" and model_cfg.vocab_size < 257:  # said now, not after the corpus is built
+        raise ValueError(f"--vocab-size must be at least 257 (256 byte tokens and the end-of-text token), got "
+                         f"{model_cfg.vocab_size}")
     stock = Tokenizer.stock("gpt2") if tokenizer_name == "gpt2" and not resume else None  # or say what to do
 
     # 1. Data: the story world (with its exact bound) or the user's text file.

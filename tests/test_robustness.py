@@ -565,6 +565,8 @@ ADAPTER_DAMAGE = {
                                            ".lora_A has shape (2, 16), expected (4, 16)"),
     "targets that do not fit the weights": (lambda a: _edit_adapter_config(a, targets=["q_proj"]),
                                             "adapter keys do not match: missing [], unexpected ['blocks.0.attn.k_proj"),
+    "targets the base does not have": (lambda a: _edit_adapter_config(a, targets=["o_proj"]),
+                                       "adapter_config.json: unknown LoRA target(s) ['o_proj']"),
     "another base": (lambda a: _edit_adapter_config(a, base_fingerprint="0123456789abcdef"),
                      "this adapter was trained on another base model (fingerprint 0123456789abcdef != "),
 }
@@ -644,7 +646,7 @@ def test_sft_examples_that_do_not_fit_the_context_are_refused_when_none_is_left(
     (["--min-lr-ratio", "2"], "--min-lr-ratio=2.0 is out of range (in [0, 1])"),
     (["--context-length", "0"], "--context-length must be >= 1, got 0"),
     (["--d-model", "18"], "--d-model (18) must be n_heads (2) times an even head size"),
-    (["--vocab-size", "100"], "vocab_size must be at least 257"),
+    (["--vocab-size", "100"], "--vocab-size must be at least 257 (256 byte tokens and the end-of-text token), got 100"),
     (["--seed", str(2**64)], "--seed=18446744073709551616 is out of range (a 64-bit integer)"),
 ])
 def test_impossible_pretraining_values_name_the_flag_and_the_valid_range(root, tmp_path, capsys, flags, message):
