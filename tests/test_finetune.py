@@ -173,20 +173,17 @@ def test_report_reads_lora_and_full_fine_tuning_runs(runs, capsys):
         assert f"| trainable parameters | {summary['trainable_params']:,} (" in out and f"{base:,})" in out
 
 
-def test_a_file_of_one_example_without_a_held_out_file_is_named(runs, tmp_path, capsys):
-    one = tmp_path / "one.jsonl"
-    one.write_text('{"prompt": "Q: hi\\nA:", "response": " yes"}\n')
-    assert main(["lora-finetune", "--base", str(runs / "base"), "--run-dir", str(tmp_path / "r"),
-                 "--sft-data", str(one), *FINETUNE]) == 2
-    assert f"{one}: 1 example; without --sft-val it needs at least 2" in capsys.readouterr().err
+GOOD_LINE = '{"prompt": "Q: hi\\nA:", "response": " yes"}\n'
 
 
-def test_a_malformed_sft_line_is_named(runs, tmp_path, capsys):
-    bad = tmp_path / "my.jsonl"
-    bad.write_text('{"prompt": "Q: hi\\nA:", "response": " yes"}\n{"prompt": "no response"}\n')
+@pytest.mark.parametrize("content, message", [(GOOD_LINE + '{"prompt": "no response"}\n', ", line 2"),
+                                              (GOOD_LINE, ": 1 example; without --sft-val it needs at least 2")])
+def test_a_bad_sft_file_is_named(runs, tmp_path, capsys, content, message):
+    data = tmp_path / "my.jsonl"
+    data.write_text(content)
     assert main(["lora-finetune", "--base", str(runs / "base"), "--run-dir", str(tmp_path / "r"),
-                 "--sft-data", str(bad), *FINETUNE]) == 2
-    assert f"{bad}, line 2" in capsys.readouterr().err
+                 "--sft-data", str(data), *FINETUNE]) == 2
+    assert f"{data}{message}" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing half-made
 
 
