@@ -133,10 +133,13 @@ def measured_step_memory(model: torch.nn.Module, batch, cfg) -> dict:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text(encoding="utf-8"))["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]  # 0: CPU
-    if not totals:
+    records = sorted((e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events
+                     if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)  # 0: CPU
+    if not records:
         raise RuntimeError("torch.profiler recorded no CPU allocation during a training step")
-    out = {"resident": sum(resident.values()), "step_peak": max(totals)}
+    # The running total is the process's since memory profiling first ran; what it stood at before the step's
+    # first allocation (e.g. memory an earlier profiled block allocated and freed later) is not the step's.
+    before = records[0][1] - records[0][2]
+    out = {"resident": sum(resident.values()), "step_peak": max(total for _, total, _ in records) - before}
     out["peak"] = out["resident"] + out["step_peak"]
     return out

@@ -230,7 +230,7 @@ def cmd_sample(args) -> int:
     try:  # before the model is loaded, and named as the flags are
         check_sampling_args(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
-        name, rest = str(e).split(" ", 1)
+        name, rest = str(e).replace("(or None for no limit)", "(leave it out for no limit)").split(" ", 1)
         raise UsageError(f"--{name.replace('_', '-')} {rest}") from None
     if args.adapter:
         from .finetune import load_lora_run
@@ -401,9 +401,13 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: every file written so far is whole (each is written aside, then renamed){hint}",
               file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`microlm sample | head -1`): stop quietly, as `cat` would
+    except BrokenPipeError:  # the reader of our output went away
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush must not fail too
-        return 141  # 128 + SIGPIPE, what a shell reports for a program the broken pipe stopped
+        if args.command in ("sample", "report"):  # `microlm sample | head -1`: stop quietly, as `cat` would
+            return 141  # 128 + SIGPIPE, what a shell reports for a program the broken pipe stopped
+        print("error: the program reading microlm's output exited, so microlm stopped too; a run folder that "
+              "was started continues with the same command plus --resume (or --overwrite)", file=sys.stderr)
+        return 2
     except (UsageError, CorpusError, CheckpointError, SFTDataError, TrainingDiverged, ValueError, OSError,
             RuntimeError) as e:
         if os.environ.get("MICROLM_DEBUG"):

@@ -41,28 +41,30 @@ TARGET_SETS = {"q, v": ("q_proj", "v_proj"), "q, k, v, output": ("q_proj", "k_pr
 REFERENCE_SHAPES = (("GPT-2 small", 768, 12, 124_439_808), ("LLaMA-7B", 4096, 32, 6_738_415_616))
 
 
-def run_examples(run_config: dict, base_config: dict, run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) examples of a fine-tuning run, split as the run split them (finetune.load_examples).
-    The files must be the ones the run read (their hashes are in its config): a later fine-tune with other
-    --n-train, --n-val or --seed rewrites data/sft_*.jsonl. The built-in question set is a function of the
-    story world, sizes and seed, so it is then rebuilt aside, and checked against the same hashes."""
+def run_examples(run_config: dict, base_config: dict, run_dir: Path, scratch: Path) -> tuple[list, list, dict]:
+    """(training examples, held-out examples, the files that hold them) of a fine-tuning run, split as the run
+    split them (finetune.load_examples). The files must be the ones the run read (their hashes are in its
+    config): a later fine-tune with other --n-train, --n-val or --seed rewrites data/sft_*.jsonl, and from
+    another working folder they are not there at all. The built-in question set is a function of the story
+    world, sizes and seed, so it is then rebuilt into `scratch` and checked against the same hashes."""
     sft, seed = run_config["sft"], run_config["train"]["seed"]
     files = {split: sft[split] for split in ("train", "val") if sft.get(split)}
     stale = [path for split, path in files.items() if sft.get(f"{split}_sha256") not in (None, _sha(path))]
     if stale and sft.get("kind") == "stories":
         world = World.from_dict(base_config["data"]["world"], f"the base model {run_config['base']}")
-        with tempfile.TemporaryDirectory() as tmp:
-            rebuilt = build_sft_data(tmp, world, sft["sizes"], seed)
-            if [_sha(rebuilt[split]) for split in files] == [sft[f"{split}_sha256"] for split in files]:
-                print(f"note: {', '.join(stale)} changed since {run_dir} was trained (another fine-tune rewrote "
-                      "it); its question set was rebuilt from the world, sizes and seed")
-                return read_sft_jsonl(rebuilt["train"]), read_sft_jsonl(rebuilt["val"])
+        rebuilt = build_sft_data(scratch, world, sft["sizes"], seed)
+        if [_sha(rebuilt[split]) for split in files] == [sft[f"{split}_sha256"] for split in files]:
+            print(f"note: {' and '.join(stale)}: missing here or changed since {run_dir} was trained (a fine-tune "
+                  "with other sizes rewrites them); its question set was rebuilt from the world, sizes and seed")
+            files = {split: str(rebuilt[split]) for split in files}
+            stale = []
     if stale:
-        raise ValueError(f"{stale[0]} is not the file {run_dir} was trained and evaluated on (its sha256 differs "
-                         "from the one the run recorded); put that file back, or fine-tune again on this one")
+        why = "is missing" if _sha(stale[0]) is None else "is not the file the run read (its sha256 differs)"
+        raise ValueError(f"{stale[0]} {why}; {run_dir} was trained and evaluated on it: put that file back (the path "
+                         "is read from the folder the run was trained in), or fine-tune again")
     if "val" in files:
-        return read_sft_jsonl(files["train"]), read_sft_jsonl(files["val"])
-    return split_user_examples(read_sft_jsonl(files["train"]), seed)
+        return read_sft_jsonl(files["train"]), read_sft_jsonl(files["val"]), files
+    return (*split_user_examples(read_sft_jsonl(files["train"]), seed), files)
 
 
 def _sha(path) -> str | None:
@@ -118,6 +120,11 @@ def step_cost(models: dict, batch, cfg: TrainConfig, repeats: int = 9) -> dict:
 
 def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_tokens: int = 64,
                 repeats: int = 21, progress: bool = True) -> dict:
+    with tempfile.TemporaryDirectory(prefix="microlm-compare-") as scratch:  # for a rebuilt question set
+        return _compare(lora_dir, full_dir, out_dir, sweep_ranks, latency_tokens, repeats, progress, Path(scratch))
+
+
+def _compare(lora_dir, full_dir, out_dir, sweep_ranks, latency_tokens, repeats, progress, scratch: Path) -> dict:
     from .plots import plot_finetune_loss, plot_latency, plot_param_counts, plot_rank_sweep
     from .train import read_metrics
     lora_dir = Path(lora_dir)
@@ -133,7 +140,7 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
             check_lora_targets(base, lora_cfg.targets, r)
         except ValueError as e:
             raise ValueError(f"--sweep-ranks: {e}") from None
-    train_examples, heldout = run_examples(run_config, base_config, lora_dir)
+    train_examples, heldout, sft_files = run_examples(run_config, base_config, lora_dir, scratch)
     examples, encoded, _ = fitting(tokenizer, heldout, model.config.context_length)
     batches = [(x, n) for x, _, n in fixed_batches(encoded, tokenizer.eot_id)]
     res: dict = {"n_heldout": len(examples), "lora": dataclasses.asdict(lora_cfg)}
@@ -207,7 +214,7 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
         else:
             print(f"sweep   LoRA r={r}")
             s = run_finetune(run_config["base"], out_dir / "sweep" / f"r{r}", dataclasses.replace(lora_cfg, r=r), cfg,
-                             sft_data=run_config["sft"]["train"], sft_val=run_config["sft"].get("val"),
+                             sft_data=sft_files["train"], sft_val=sft_files.get("val"),
                              overwrite=True, progress=progress)
             a = s["accuracy"]
         sweep.append({"r": r, "accuracy": a, "trainable": count_trainable(base, lora_cfg.targets, r)})
@@ -223,8 +230,8 @@ def run_compare(lora_dir, full_dir=None, out_dir=None, sweep_ranks=(), latency_t
         plot_rank_sweep(sweep, acc.get("full_finetune"), out_dir / "rank_sweep.png")
     elif (out_dir / "rank_sweep.png").exists():  # an earlier compare's, whose figures this compare.json lacks
         (out_dir / "rank_sweep.png").unlink()
-        print(f"note: no rank sweep this time: removed the earlier {out_dir / 'rank_sweep.png'} (its runs stay in "
-              f"{out_dir / 'sweep'})")
+        kept = f" (its runs stay in {out_dir / 'sweep'})" if (out_dir / "sweep").is_dir() else ""
+        print(f"note: no rank sweep this time: removed the earlier {out_dir / 'rank_sweep.png'}{kept}")
     plot_latency(res["latency_per_token"], out_dir / "latency.png")
     save_json(out_dir / "compare.json", res)
     return res

@@ -18,12 +18,13 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, changed_settings, load_json, replace_dir, save_json, save_text
+from .checkpoint import CheckpointError, changed_settings, load_json, save_json, save_text
 from .data import IGNORE
 from .evaluate import exact_match, greedy_answers
 from .lora import DEFAULT_TARGETS, apply_lora_to_model, check_lora_targets
@@ -246,28 +247,31 @@ def load_lora_run(lora_dir: str | Path, device="cpu", base_dir: str | Path | Non
     from .runs import holds_run, load_run
     lora_dir = Path(lora_dir)
     adapter_dir = lora_dir if (lora_dir / "adapter_config.json").exists() else lora_dir / "adapter"
+    run_folder = adapter_dir.resolve().parent  # resolved: `--adapter .` inside adapter/ has a parent too
     if (lora_dir / "config.json").is_file() and not (adapter_dir / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter_dir}: no adapter here (adapter_config.json is missing); a LoRA run writes it "
                               "when training ends: finish the run with --resume, or pass a finished LoRA run folder")
-    run_config = load_json(adapter_dir.parent / "config.json", "LoRA run config") if adapter_dir != lora_dir else {}
-    if adapter_dir == lora_dir and holds_run(lora_dir.parent):  # the adapter/ folder of a run: its base is known
-        parent = load_json(lora_dir.parent / "config.json", "LoRA run config")
+    run_config = load_json(run_folder / "config.json", "LoRA run config") if adapter_dir != lora_dir else {}
+    if adapter_dir == lora_dir and holds_run(run_folder):  # the adapter/ folder of a run: its base is known
+        parent = load_json(run_folder / "config.json", "LoRA run config")
         run_config = parent if parent.get("kind") == "lora" else {}
-    named = base_dir is None  # the base named by the run's config.json rather than by the caller
-    base_dir = base_dir or run_config.get("base")
-    if base_dir is not None and not isinstance(base_dir, str | Path):
-        raise CheckpointError(f"{adapter_dir.parent / 'config.json'}: \"base\" must be the base model's folder, got "
-                              f"{base_dir!r}; the file is damaged")
-    if base_dir is None:
-        raise ValueError(f"{adapter_dir}: which base model does this adapter belong to? pass its model folder "
-                         "(--run-dir for sample, --base for merge)")
-    beside = run_config.get("base_from_run")
-    if named and not Path(base_dir).is_dir() and isinstance(beside, str) and (adapter_dir.parent / beside).is_dir():
-        base_dir = adapter_dir.parent / beside  # the run was trained from another working folder than this one
-    if not Path(base_dir).is_dir():
-        raise ValueError(f"the base model folder {base_dir} named by {lora_dir} is missing (a relative path is read "
-                         "from the folder the run was trained in); pass the base's folder: --run-dir for sample, "
-                         "--base for merge")
+    if base_dir is not None:  # the caller's
+        if not Path(base_dir).is_dir():
+            raise ValueError(f"{base_dir}: no such model folder (the base given for {lora_dir})")
+    else:
+        base_dir, beside = run_config.get("base"), run_config.get("base_from_run")
+        if base_dir is not None and not isinstance(base_dir, str):
+            raise CheckpointError(f"{run_folder / 'config.json'}: \"base\" must be the base model's folder, got "
+                                  f"{base_dir!r}; the file is damaged")
+        if isinstance(beside, str) and (run_folder / beside).is_dir():  # where the base was, seen from the run
+            base_dir = run_folder / beside
+        if base_dir is None:
+            raise ValueError(f"{adapter_dir}: which base model does this adapter belong to? pass its model folder "
+                             "(--run-dir for sample, --base for merge)")
+        if not Path(base_dir).is_dir():
+            raise ValueError(f"the base model folder {base_dir} named by {lora_dir} is missing (a relative path is "
+                             "read from the folder the run was trained in); pass the base's folder: --run-dir for "
+                             "sample, --base for merge")
     model, tokenizer, base_config = load_run(base_dir, device)
     lora = lora_config_from_dict(read_adapter_config(adapter_dir))
     try:
@@ -291,13 +295,13 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
     from .checkpoint import save_weights
     from .lora import base_fingerprint, parameter_report, save_adapter
     from .plots import plot_finetune_loss
-    from .runs import UsageError, check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, sha256_file
+    from .runs import (UsageError, check_run_dir, load_run, peak_rss_mib, prepare_run_dir, provenance, same_or_inside,
+                       sha256_file)
     from .train import read_metrics, train
     run_dir, kind = Path(run_dir), "lora" if lora else "full"
-    base = Path(base_dir).resolve()
-    if run_dir.resolve() in (base, *base.parents):
-        raise UsageError(f"--run-dir {run_dir} is or holds the base model's folder ({base}): the run would replace its "
-                         "own base; choose another --run-dir")
+    if same_or_inside(run_dir, base_dir):
+        raise UsageError(f"--run-dir {run_dir} is or holds the base model's folder ({base_dir}): the run would "
+                         "replace its own base; choose another --run-dir")
     check_run_dir(run_dir, resume, overwrite)  # refuse at once; the folder is touched only once all inputs are read
     model, tokenizer, base_config = load_run(base_dir, device)
     if lora:  # before anything is measured or written: --overwrite must not lose a run to a bad --targets
@@ -317,7 +321,11 @@ def run_finetune(base_dir, run_dir, lora: LoRAConfig | None, cfg: TrainConfig, *
 
     pack = packing_context(model, tokenizer.eot_id)
     # the base as given (from the working folder) and from the run folder, for use from anywhere later
-    config = {"kind": kind, "base": str(base_dir), "base_from_run": os.path.relpath(base, run_dir.resolve()),
+    try:  # in '/' form, which every system reads
+        from_run = Path(os.path.relpath(Path(base_dir).resolve(), run_dir.resolve())).as_posix()
+    except ValueError:  # on Windows, another drive than the run's: there is no relative path
+        from_run = None
+    config = {"kind": kind, "base": str(base_dir), "base_from_run": from_run,
               "base_fingerprint": base_fingerprint(model),
               "lora": dataclasses.asdict(lora) if lora else None, "train": dataclasses.asdict(cfg), "sft": sft_info,
               "packed_rows": pack,
@@ -375,12 +383,12 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
     """Fold a LoRA run's adapter into its base and write a standalone model folder."""
     from .checkpoint import save_weights
     from .lora import lora_layers, merge_and_unload
-    from .runs import UsageError, check_run_dir, provenance
+    from .runs import UsageError, check_run_dir, provenance, same_or_inside
     model, tokenizer, base_config, run_config = load_lora_run(lora_dir, "cpu", base_dir)
     base_dir = base_dir or run_config.get("base")
     out = Path(out_dir).resolve()
     for what, folder in (("the adapter's run folder", lora_dir), ("its base model's folder", base_dir)):
-        if out in (folder := Path(folder).resolve(), *folder.parents):
+        if same_or_inside(out, folder):
             raise UsageError(f"--out {out_dir} is or holds {what} ({folder}): the merged model would replace its own "
                              "input; choose another --out")
     check_run_dir(Path(out_dir), resume=False, overwrite=overwrite, flag="--out")
@@ -389,15 +397,22 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
     config = {k: base_config[k] for k in ("model", "data", "tokenizer") if k in base_config}
     config["merged_from"] = {"adapter": str(lora_dir), "base": str(base_dir),
                              "lora": run_config.get("lora")}
-    # Written into a folder beside --out, then swapped in whole: an interrupted merge leaves --out as it was.
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # Written into a new hidden folder beside --out, then swapped in whole: an interrupted merge leaves --out as
+    # it was. (Unique names: a folder of the user's called OUT.tmp or OUT.old is never touched.)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
     try:
         tokenizer.save(tmp / "tokenizer.json")
         save_weights(tmp / "model.safetensors", model)
         save_json(tmp / "config.json", {**config, "provenance": provenance(None)})  # None: merging draws nothing
-        replace_dir(tmp, out)
+        aside = None
+        if out.exists():  # the run --overwrite replaces: moved aside, deleted once the new one is in place
+            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced-"))
+            aside.rmdir()
+            os.replace(out, aside)
+        os.replace(tmp, out)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Path(out_dir)

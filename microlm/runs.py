@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -44,16 +45,33 @@ class UsageError(ValueError):
     """A command-line request that cannot be carried out as given; the message says what to change."""
 
 
+# Everything microlm writes into a run folder (".tmp" names: files being written aside when a kill came).
+RUN_NAMES = {"config.json", "tokenizer.json", "model.safetensors", "metrics.jsonl", "checkpoint", "checkpoint.old",
+             "checkpoint.tmp", "adapter", "summary.json", "samples.txt", "loss.png", "answers.jsonl", "compare.json",
+             "finetune_loss.png", "latency.png", "param_counts.png", "rank_sweep.png", "sweep"}
+
+
 def holds_run(run_dir: Path) -> bool:
     """Whether run_dir holds a microlm run: its config.json is one microlm wrote (a JSON object with a model or
-    a base, and the provenance every run records), written before any training. Other programs' folders
-    have files of the same names (a Hugging Face model has config.json, tokenizer.json, model.safetensors)."""
+    a base, and the provenance every run records). Other programs' folders have files of the same names (a
+    Hugging Face model has config.json, tokenizer.json, model.safetensors), so names alone are not enough;
+    but a run stopped before its config.json was written, or whose config.json was cut short, holds only
+    names microlm writes, and counts as a run too (so that --overwrite can replace it)."""
+    run_dir = Path(run_dir)
     try:
-        config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # missing, unreadable, not JSON or not UTF-8
-        return False
+        names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+        return bool(names) and all(name in RUN_NAMES or ".tmp" in name for name in names)
     return (isinstance(config, dict) and isinstance(config.get("provenance"), dict)
             and ("model" in config or "base" in config))
+
+
+def same_or_inside(folder: Path, other: Path) -> bool:
+    """Whether `other` is `folder` or lies inside it, by what the file system says (os.path.samefile also
+    sees through links and case-insensitive names, where comparing resolved paths does not)."""
+    other = Path(other).resolve()
+    return Path(folder).exists() and any(p.exists() and os.path.samefile(folder, p) for p in (other, *other.parents))
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, flag: str = "--run-dir") -> None:

@@ -176,10 +176,13 @@ def train(
                 # only, so micro-batches can hold different numbers of targets; pretraining windows cannot.)
                 counts = [int((y != IGNORE).sum()) for _, y in batches]
                 total, ran = sum(counts), 0  # ran: micro-batches run so far in this step
+                if total == 0:
+                    raise ValueError(f"step {step + 1}'s batch holds no target to learn from (every position is "
+                                     "masked); the training data has examples with nothing to predict")
                 for (x, y), count in zip(batches, counts):
-                    if count == 0 < total:  # no target: its mean loss is undefined, and it adds nothing
+                    if count == 0:  # no target: its mean loss is undefined, and it adds nothing
                         continue
-                    share = count / total if total else 1 / cfg.grad_accum  # exactly 1.0 for a single batch
+                    share = count / total  # exactly 1.0 for a single batch
                     x, y = x.to(device), y.to(device)
                     try:
                         loss = masked_loss(forward(x), y)

@@ -3,6 +3,7 @@ compare; and their errors."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,19 +264,25 @@ def test_compare_reads_the_questions_the_run_was_trained_on_even_after_they_were
     run = shutil.copytree(runs / "lora", tmp_path / "lora")
     shutil.copytree(runs / "data", tmp_path / "data")
     config = json.loads((run / "config.json").read_text())
-    config["sft"] = {**config["sft"], "train": str(tmp_path / "data" / "sft_train.jsonl"),
-                     "val": str(tmp_path / "data" / "sft_val.jsonl")}
+    data = {split: str(tmp_path / "data" / f"sft_{split}.jsonl") for split in ("train", "val")}
+    config["sft"] = {**config["sft"], **data}
     _, _, base_config = load_run(runs / "base")
-    train, heldout = run_examples(config, base_config, run)
-    assert len(heldout) == 10 and heldout == read_sft_jsonl(tmp_path / "data" / "sft_val.jsonl")
+    scratch = tmp_path / "scratch"
+    train, heldout, files = run_examples(config, base_config, run, scratch)
+    assert len(heldout) == 10 and heldout == read_sft_jsonl(data["val"]) and files == data
     assert "note:" not in capsys.readouterr().out
-    lines = (tmp_path / "data" / "sft_val.jsonl").read_text().splitlines(keepends=True)
-    (tmp_path / "data" / "sft_val.jsonl").write_text("".join(lines[:4]))  # another run's, smaller set
-    assert run_examples(config, base_config, run) == (train, heldout)
-    assert "sft_val.jsonl changed since" in capsys.readouterr().out
+    lines = Path(data["val"]).read_text().splitlines(keepends=True)
+    Path(data["val"]).write_text("".join(lines[:4]))  # another run's, smaller set
+    again = run_examples(config, base_config, run, scratch)
+    assert again[:2] == (train, heldout) and "missing here or changed since" in capsys.readouterr().out
+    # the files it returns (which the rank sweep trains on) hold the same questions
+    assert [read_sft_jsonl(again[2][split]) for split in ("train", "val")] == [read_sft_jsonl(files["train"]), heldout]
     config["sft"]["kind"] = "jsonl"  # the user's own file: it cannot be rebuilt
-    with pytest.raises(ValueError, match="sft_val.jsonl is not the file .* was trained and evaluated on"):
-        run_examples(config, base_config, run)
+    with pytest.raises(ValueError, match="sft_val.jsonl is not the file the run read"):
+        run_examples(config, base_config, run, scratch)
+    Path(data["val"]).unlink()
+    with pytest.raises(ValueError, match="sft_val.jsonl is missing; .* was trained and evaluated on it"):
+        run_examples(config, base_config, run, scratch)
 
 
 def test_a_lora_run_trained_with_a_relative_base_works_from_any_folder(runs, tmp_path, monkeypatch, capsys):
@@ -287,10 +294,12 @@ def test_a_lora_run_trained_with_a_relative_base_works_from_any_folder(runs, tmp
     assert main(["lora-finetune", "--base", "runs/base", "--run-dir", "runs/lora", *FINETUNE]) == 0
     assert json.loads((project / "runs" / "lora" / "config.json").read_text())["base_from_run"] == "../base"
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "base").mkdir(parents=True)  # a folder of the same name here is not the run's base
     capsys.readouterr()
     for adapter in (project / "runs" / "lora", project / "runs" / "lora" / "adapter"):
         assert main(["sample", "--adapter", str(adapter), "--prompt", "Ann", "--n", "1"]) == 0
     assert main(["merge", "--adapter", str(project / "runs" / "lora"), "--out", str(tmp_path / "merged")]) == 0
     shutil.rmtree(project / "runs" / "base")
+    shutil.rmtree(tmp_path / "runs" / "base")
     assert main(["sample", "--adapter", str(project / "runs" / "lora"), "--n", "1"]) == 2
     assert "the base model folder runs/base named by" in capsys.readouterr().err

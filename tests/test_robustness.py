@@ -305,16 +305,36 @@ def test_overwrite_never_deletes_a_folder_that_only_looks_like_a_run(root, tmp_p
     assert [p.name for p in notes.iterdir()] == ["train.txt"] and (notes / "train.txt").read_text() == "my notes"
 
 
+def test_a_run_stopped_before_its_config_was_written_can_be_replaced(root, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_text("{}")  # all that pretrain had written when it was stopped
+    flags = ["--run-dir", str(run), "--corpus", str(root / "corpus.txt"), *TINY]
+    assert main(["pretrain", *flags]) == 2
+    assert "already holds a run" in one_clear_line(capsys)
+    assert main(["pretrain", *flags, "--overwrite"]) == 0
+    _truncate(run / "config.json")  # a config cut short: named on --resume, replaced by --overwrite
+    assert main(["pretrain", *flags, "--resume"]) == 2
+    assert "config.json: not a valid JSON run config" in one_clear_line(capsys)
+    assert main(["pretrain", *flags, "--overwrite"]) == 0
+
+
 def test_an_interrupted_merge_leaves_the_previous_merged_model(root, tmp_path, monkeypatch):
     out = tmp_path / "merged"
+    for sibling in ("merged.tmp", "merged.old"):  # the user's folders beside it are never touched
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "notes.txt").write_text("mine")
     assert main(["merge", "--adapter", str(root / "lora"), "--out", str(out)]) == 0
+    assert main(["merge", "--adapter", str(root / "lora"), "--out", str(out), "--overwrite"]) == 0
     before = _snapshot(out)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr("microlm.checkpoint.save_weights", killed)
     assert main(["merge", "--adapter", str(root / "lora"), "--out", str(out), "--overwrite"]) == 130
-    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.old", "merged.tmp"]
+    assert all((tmp_path / s / "notes.txt").read_text() == "mine" for s in ("merged.tmp", "merged.old"))
 
 
 def test_a_fine_tune_is_never_mixed_with_another_nor_resumed_with_other_settings(root, tmp_path, capsys):

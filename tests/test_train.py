@@ -108,6 +108,14 @@ def test_accumulated_micro_batches_with_masked_targets_step_like_one_batch_of_bo
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-6)
 
 
+def test_a_step_with_no_target_at_all_is_a_clear_error(tmp_path):
+    from microlm.data import IGNORE
+    x = torch.zeros(2, 16, dtype=torch.long)
+    cfg = TrainConfig(max_steps=1, batch_size=2, grad_accum=2, eval_every=1, checkpoint_every=1)
+    with pytest.raises(ValueError, match="step 1's batch holds no target to learn from"):
+        run(tmp_path, cfg=cfg, get_batch=lambda i: (x, torch.full_like(x, IGNORE)))
+
+
 def test_same_seed_same_weights_and_metrics(tmp_path):
     a, _ = run(tmp_path / "a")
     b, _ = run(tmp_path / "b")
