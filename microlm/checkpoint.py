@@ -165,9 +165,10 @@ def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, groups: d
                               "damaged or from another run") from None
 
 
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Swap a fully written folder into place; a crash at any point leaves one complete copy."""
-    old = final_dir.with_name(final_dir.name + ".old")
+def replace_dir(tmp_dir: Path, final_dir: Path, old: Path | None = None) -> None:
+    """Swap a fully written folder into place; a crash at any point leaves one complete copy. The folder it
+    replaces is moved to `old` (default: FINAL.old, where a resumed run looks for its checkpoint) first."""
+    old = old or final_dir.with_name(final_dir.name + ".old")
     if final_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)

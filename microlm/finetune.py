@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, changed_settings, load_json, save_json, save_text
+from .checkpoint import CheckpointError, changed_settings, load_json, replace_dir, save_json, save_text
 from .data import IGNORE
 from .evaluate import exact_match, greedy_answers
 from .lora import DEFAULT_TARGETS, apply_lora_to_model, check_lora_targets
@@ -251,10 +251,11 @@ def load_lora_run(lora_dir: str | Path, device="cpu", base_dir: str | Path | Non
     if (lora_dir / "config.json").is_file() and not (adapter_dir / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter_dir}: no adapter here (adapter_config.json is missing); a LoRA run writes it "
                               "when training ends: finish the run with --resume, or pass a finished LoRA run folder")
-    run_config = load_json(run_folder / "config.json", "LoRA run config") if adapter_dir != lora_dir else {}
-    if adapter_dir == lora_dir and holds_run(run_folder):  # the adapter/ folder of a run: its base is known
-        parent = load_json(run_folder / "config.json", "LoRA run config")
-        run_config = parent if parent.get("kind") == "lora" else {}
+    run_config = {}
+    if adapter_dir != lora_dir or holds_run(run_folder):  # a run folder, or the adapter/ folder of one
+        run_config = load_json(run_folder / "config.json", "LoRA run config")
+        if adapter_dir == lora_dir and run_config.get("kind") != "lora":
+            run_config = {}
     if base_dir is not None:  # the caller's
         if not Path(base_dir).is_dir():
             raise ValueError(f"{base_dir}: no such model folder (the base given for {lora_dir})")
@@ -405,14 +406,9 @@ def merge_adapter(lora_dir, out_dir, base_dir=None, overwrite=False) -> Path:
         tokenizer.save(tmp / "tokenizer.json")
         save_weights(tmp / "model.safetensors", model)
         save_json(tmp / "config.json", {**config, "provenance": provenance(None)})  # None: merging draws nothing
-        aside = None
-        if out.exists():  # the run --overwrite replaces: moved aside, deleted once the new one is in place
-            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced-"))
-            aside.rmdir()
-            os.replace(out, aside)
-        os.replace(tmp, out)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced-"))  # for the run replaced
+        aside.rmdir()
+        replace_dir(tmp, out, old=aside)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Path(out_dir)
